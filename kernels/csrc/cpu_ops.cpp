@@ -31,7 +31,7 @@ struct AdamArgs {
     float* exp_avg_sq;
     void* out;
     int out_nt;  // stream `out` with non-temporal stores (large, 64-byte aligned)
-    float one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, eps, decay, weight_decay;
+    float one_minus_beta1, beta2, one_minus_beta2, neg_step_size, bc2_sqrt, inv_bc2_sqrt, eps, decay, weight_decay;
     int adamw_mode;
 };
 struct AdagradArgs {
@@ -176,6 +176,7 @@ DSRUN_API int dsrun_adam_step(void* param, int p_dtype, const void* grad, int g_
     a.one_minus_beta2 = (float)(1.0 - beta2);
     a.neg_step_size = (float)(-(lr / bias_correction1));
     a.bc2_sqrt = (float)std::sqrt(bias_correction2);
+    a.inv_bc2_sqrt = 1.0f / a.bc2_sqrt;
     a.eps = (float)eps;
     a.decay = (float)(1.0 - lr * weight_decay);
     a.weight_decay = (float)weight_decay;

@@ -79,6 +79,7 @@ struct Scalar {
     static inline F sub(F a, F b) { return a - b; }
     static inline F mul(F a, F b) { return a * b; }
     static inline F div(F a, F b) { return a / b; }
+    static inline F div_const(F a, F b, F) { return a / b; }
     static inline F sqrt(F a) { return std::sqrt(a); }
     static inline F fmadd(F a, F b, F c) { return std::fma(a, b, c); }
     static inline void store_nt(float* p, F x) { store(p, x); }
@@ -126,6 +127,13 @@ namespace dsrun_simd {
         static inline F sub(F a, F b) { return _mm512_sub_ps(a, b); }                           \
         static inline F mul(F a, F b) { return _mm512_mul_ps(a, b); }                           \
         static inline F div(F a, F b) { return _mm512_div_ps(a, b); }                           \
+        /* a / b for a constant b with rb = 1/b rounded: q = a*rb plus one residual        */ \
+        /* correction rounds like the divide (see [Note: Adam update without dividers]).      */ \
+        static inline F div_const(F a, F b, F rb) {                                             \
+            F q = _mm512_mul_ps(a, rb);                                                         \
+            F e = _mm512_fmsub_ps(b, q, a); /* NaN where a is +-inf: keep q */                   \
+            return _mm512_mask3_fnmadd_ps(e, rb, q, _mm512_cmp_ps_mask(e, e, _CMP_ORD_Q));      \
+        }                                                                                       \
         static inline F sqrt(F a) { return _mm512_sqrt_ps(a); }                                \
         static inline F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }              \
         static inline void store_nt(float* p, F x) { _mm512_stream_ps(p, x); }                  \
@@ -175,6 +183,11 @@ namespace dsrun_simd {
         static inline F sub(F a, F b) { return _mm256_sub_ps(a, b); }                           \
         static inline F mul(F a, F b) { return _mm256_mul_ps(a, b); }                           \
         static inline F div(F a, F b) { return _mm256_div_ps(a, b); }                           \
+        static inline F div_const(F a, F b, F rb) {  /* as Avx512::div_const */            \
+            F q = _mm256_mul_ps(a, rb);                                                         \
+            F e = _mm256_fmsub_ps(b, q, a);                                                     \
+            return _mm256_blendv_ps(q, _mm256_fnmadd_ps(e, rb, q), _mm256_cmp_ps(e, e, _CMP_ORD_Q)); \
+        }                                                                                       \
         static inline F sqrt(F a) { return _mm256_sqrt_ps(a); }                                \
         static inline F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }              \
         static inline void store_nt(float* p, F x) { _mm256_stream_ps(p, x); }                  \
