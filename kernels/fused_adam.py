@@ -56,6 +56,8 @@ def fused_adam_multi(params, grads, exp_avgs, exp_avg_sqs, outs=None, *, lr, bet
         # [Note: flat vs multi-tensor] One launch per tensor through the flat kernel wins once tensors are
         # large enough to hide the launch (~5 us): it needs no address table (a ZeRO flat partition is the
         # one-tensor case). Many small tensors go through the multi-tensor kernel in one launch.
+        # Measured on an H200 (RESULTS.md B2, 2026-11-22): for 128 tensors of 8Mi elements, one multi-tensor
+        # launch with 2-16 blocks per program was 27-90% slower than one flat launch per tensor.
         if len(params) == 1 or min(p.numel() for p in params) >= FLAT_PER_TENSOR_MIN_NUMEL:
             for i, p in enumerate(params):
                 _triton.adam_flat(p, grads[i], exp_avgs[i], exp_avg_sqs[i], None if outs is None else outs[i],
@@ -79,8 +81,11 @@ def fused_adam_multi(params, grads, exp_avgs, exp_avg_sqs, outs=None, *, lr, bet
 
 
 def fused_adam_flat(param, grad, exp_avg, exp_avg_sq, out=None, *, lr, beta1, beta2, eps, weight_decay, step,
-                    adamw_mode=True, bias_correction=True):
-    """One step on same-length contiguous tensors (a ZeRO partition), in place; see module doc."""
+                    adamw_mode=True, bias_correction=True, grad_scale=1.0):
+    """One step on same-length contiguous tensors (a ZeRO partition), in place; see module doc.
+
+    `grad_scale` (a float or a one-element fp32 tensor on the param's device) multiplies the gradient
+    inside the kernel (ZeRO's unscale-and-clip coefficient), so `grad` itself is left as it was."""
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out)):
         if t is not None and (t.numel() != param.numel() or not t.is_contiguous() or t.device != param.device):
             raise ValueError(f"fused_adam_flat: {name} must be contiguous, on {param.device}, "
@@ -90,7 +95,10 @@ def fused_adam_flat(param, grad, exp_avg, exp_avg_sq, out=None, *, lr, beta1, be
     if param.is_cuda and triton_available():
         bc1, bc2 = reference.bias_corrections(beta1, beta2, step, bias_correction)
         return _triton.adam_flat(param, grad, exp_avg, exp_avg_sq, out, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                 weight_decay=weight_decay, bc1=bc1, bc2=bc2, adamw_mode=adamw_mode)
+                                 weight_decay=weight_decay, bc1=bc1, bc2=bc2, adamw_mode=adamw_mode,
+                                 grad_scale=grad_scale)
+    if torch.is_tensor(grad_scale) or grad_scale != 1.0:
+        grad = grad.float() * grad_scale
     fused_adam_multi([param], [grad], [exp_avg], [exp_avg_sq], None if out is None else [out], lr=lr,
                      beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
                      adamw_mode=adamw_mode, bias_correction=bias_correction)

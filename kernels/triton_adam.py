@@ -16,9 +16,9 @@ import triton.language as tl
 __all__ = ["adam_flat", "adam_multi", "CONFIG", "config_for"]
 
 # (elements per program, warps) by param element size in bytes: the winners of the flat-kernel sweep
-# in benchmarks/bench_gpu_adam.py on one H200 (2026-11-21, RESULTS.md). Every config from 1024 to
+# in benchmarks/bench_gpu_adam.py on one H200 (2026-11-22, RESULTS.md). Every config from 1024 to
 # 4096 elements and 4 to 16 warps was within 3% there; 8192 was slower.
-CONFIG = {4: (1024, 16), 2: (2048, 16), 1: (4096, 8)}
+CONFIG = {4: (1024, 4), 2: (1024, 4), 1: (4096, 8)}
 
 
 def config_for(dtype):
@@ -42,13 +42,18 @@ def _adam_update(p, g, m, v, neg_step, one_minus_b1, b2, one_minus_b2, bc2_sqrt,
 
 
 @triton.jit
-def _adam_flat_kernel(P, G, M, V, OUT, n, neg_step, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, decay, wd,
-                      ADAMW: tl.constexpr, HAS_WD: tl.constexpr, HAS_OUT: tl.constexpr, BLOCK: tl.constexpr):
+def _adam_flat_kernel(P, G, M, V, OUT, n, GSCALE, neg_step, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, decay,
+                      wd, ADAMW: tl.constexpr, HAS_WD: tl.constexpr, HAS_OUT: tl.constexpr,
+                      GSCALE_PTR: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     p = tl.load(P + offs, mask=mask).to(tl.float32)
-    g = tl.load(G + offs, mask=mask).to(tl.float32)
+    if GSCALE_PTR:  # a device scalar (the clip coefficient, computed without a host sync)
+        gscale = tl.load(GSCALE).to(tl.float32)
+    else:
+        gscale = GSCALE
+    g = tl.load(G + offs, mask=mask).to(tl.float32) * gscale
     m = tl.load(M + offs, mask=mask).to(tl.float32)
     v = tl.load(V + offs, mask=mask).to(tl.float32)
     p, m, v = _adam_update(p, g, m, v, neg_step, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, decay, wd,
@@ -99,18 +104,21 @@ def _scalars(lr, beta1, beta2, eps, weight_decay, bc1, bc2):
 
 
 def adam_flat(param, grad, exp_avg, exp_avg_sq, out, *, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
-              adamw_mode, block=None, num_warps=None):
-    """One step on same-length contiguous CUDA tensors (ZeRO partitions), in place."""
+              adamw_mode, grad_scale=1.0, block=None, num_warps=None):
+    """One step on same-length contiguous CUDA tensors (ZeRO partitions), in place; the gradient is
+    multiplied by `grad_scale` (a float, or a one-element fp32 CUDA tensor) as it is loaded."""
     n = param.numel()
     if n == 0:
         return
     cfg_block, cfg_warps = config_for(param.dtype)
     block, num_warps = block or cfg_block, num_warps or cfg_warps
     grid = (triton.cdiv(n, block),)
+    tensor_scale = torch.is_tensor(grad_scale)
     _adam_flat_kernel[grid](param, grad, exp_avg, exp_avg_sq, out if out is not None else param, n,
+                            grad_scale if tensor_scale else float(grad_scale),
                             *_scalars(lr, beta1, beta2, eps, weight_decay, bc1, bc2),
                             ADAMW=bool(adamw_mode), HAS_WD=weight_decay != 0, HAS_OUT=out is not None,
-                            BLOCK=block, num_warps=num_warps)
+                            GSCALE_PTR=tensor_scale, BLOCK=block, num_warps=num_warps)
 
 
 _block_tables = {}

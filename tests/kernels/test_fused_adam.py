@@ -115,6 +115,21 @@ def test_gpu_mixed_flat_matches_reference(n):
 
 
 @gpu
+def test_gpu_flat_grad_scale_matches_prescaled_gradient():
+    from dsrun.kernels import reference
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    n = 4097
+    master, g = torch.randn(n, device="cuda", generator=gen), torch.randn(n, device="cuda", generator=gen)
+    ref = master.clone()
+    m, v, rm, rv = (torch.zeros(n, device="cuda") for _ in range(4))
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=1)
+    fused_adam_flat(master, g, m, v, None, grad_scale=torch.tensor([0.37], device="cuda"), **kw)
+    reference.adam_step(ref, g * 0.37, rm, rv, **kw)
+    torch.testing.assert_close(master, ref, rtol=2e-6, atol=1e-8)
+    torch.testing.assert_close(m, rm, rtol=2e-6, atol=1e-9)
+
+
+@gpu
 def test_gpu_multi_tensor_with_outputs_and_many_small_tensors():
     from dsrun.kernels import reference
     gen = torch.Generator(device="cuda").manual_seed(1)
