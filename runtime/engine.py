@@ -71,7 +71,8 @@ class Engine:
             from .zero import apply_sharding
             self.zero = apply_sharding(model, optimizer=self.optimizer, sharding=config.sharding,
                                        precision=self.precision, comm_policy=config.comm, group=dp_group,
-                                       device=self.device, dtype_of=torch_dtype)
+                                       device=self.device, dtype_of=torch_dtype,
+                                       accumulation_steps=config.gradient_accumulation_steps)
         else:
             self._cast_params(model)
         # 4. scheduler
@@ -147,6 +148,7 @@ class Engine:
         if loss.numel() != 1:
             raise ValueError(f"engine.backward expects a scalar loss, got shape {tuple(loss.shape)}")
         gas = self.gradient_accumulation_steps() if scale_wrt_gas else 1
+        self.zero.wait_params()
         self.zero.reducer.begin_micro_step(self.is_gradient_accumulation_boundary())
         (loss.float() * (self.loss_scaler.loss_scale / gas)).backward(retain_graph=retain_graph)
         self.zero.reducer.finish_backward()
@@ -183,6 +185,12 @@ class Engine:
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
 
+    def wait_params(self) -> None:
+        """Make the module's weights current after `step()` under `zero_optimization.overlap_param_gather`
+        (runtime/zero/param_gather.py: forward, `state_dict()` and engine methods already do this)."""
+        if self.zero is not None:
+            self.zero.wait_params()
+
     def zero_grad(self) -> None:
         """Drop `.grad` of module parameters (accumulated gradients live in the engine's buffers and are
         cleared by `step()` at the boundary)."""
@@ -203,7 +211,10 @@ class Engine:
         return self._step_applied
 
     def get_global_grad_norm(self) -> Optional[float]:
-        """The unscaled global gradient norm before clipping, from the last boundary step."""
+        """The unscaled global gradient norm before clipping, from the last boundary step (read from the
+        device on first request: the step itself does not wait for it)."""
+        if torch.is_tensor(self._grad_norm):
+            self._grad_norm = self._grad_norm.item()
         return self._grad_norm
 
     def get_lr(self):
@@ -324,11 +335,13 @@ class Engine:
 
     def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
         from .checkpoint import engine_io
+        self.wait_params()
         return engine_io.save(self, save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest,
                               **kwargs)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         from .checkpoint import engine_io
+        self.wait_params()
         return engine_io.load(self, load_dir, tag=tag, **kwargs)
 
     # -- teardown ----------------------------------------------------------------------------------

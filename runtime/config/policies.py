@@ -89,6 +89,7 @@ class CommPolicy:
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
     overlap_comm: bool = False
+    overlap_param_gather: bool = False  # dsrun: post-step all-gather under the next forward (stages 1-2)
     contiguous_gradients: bool = True
     reduce_scatter: bool = True
     allreduce_op: str = "mean"  # gradient_allreduce_op: "mean" | "sum"

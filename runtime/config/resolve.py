@@ -116,7 +116,8 @@ def comm_policy(top: "TopLevelConfig") -> CommPolicy:
     if top.gradient_predivide_factor <= 0:
         raise ConfigError(f"must be > 0, got {top.gradient_predivide_factor}", where="gradient_predivide_factor")
     return CommPolicy(reduce_bucket_size=zero.reduce_bucket_size, allgather_bucket_size=zero.allgather_bucket_size,
-                      overlap_comm=zero.overlap, contiguous_gradients=zero.contiguous_gradients,
+                      overlap_comm=zero.overlap, overlap_param_gather=zero.overlap_param_gather,
+                      contiguous_gradients=zero.contiguous_gradients,
                       reduce_scatter=zero.reduce_scatter, allreduce_op=op,
                       prescale_gradients=top.prescale_gradients,
                       gradient_predivide_factor=top.gradient_predivide_factor)

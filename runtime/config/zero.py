@@ -102,6 +102,8 @@ class ZeroConfig(Section):
     allgather_partitions: bool = opt(True)
     allgather_bucket_size: int = opt(500_000_000, check=_positive)
     overlap_comm: Optional[bool] = opt(None, doc="None -> true for stage 3, false otherwise (see .overlap)")
+    overlap_param_gather: bool = opt(False, doc="dsrun: stages 1-2 gather updated weights under the next forward "
+                                                "(runtime/zero/param_gather.py)")
     load_from_fp32_weights: bool = opt(True)
     elastic_checkpoint: bool = opt(False)
     offload_param: Optional[OffloadParamConfig] = opt(None)

@@ -13,7 +13,8 @@ __all__ = ["Init", "GatheredParameters", "register_external_parameter", "apply_s
            "StepResult", "Comm"]
 
 
-def apply_sharding(module, *, optimizer, sharding, precision, comm_policy, group, device, dtype_of) -> ZeroOptimizer:
+def apply_sharding(module, *, optimizer, sharding, precision, comm_policy, group, device, dtype_of,
+                   accumulation_steps: int = 1) -> ZeroOptimizer:
     """Flatten `module`'s trainable parameters and shard optimizer state/gradients per `sharding`.
 
     Args:
@@ -25,6 +26,7 @@ def apply_sharding(module, *, optimizer, sharding, precision, comm_policy, group
         group: the data-parallel process group (None = world).
         device: where buffers live.
         dtype_of: maps a dtype name ("fp32", "bf16", "fp16") to a torch dtype.
+        accumulation_steps: gradient accumulation steps (1 lets ZeRO-1 skip its full gradient buffer).
     """
     return ZeroOptimizer(module, optimizer, sharding=sharding, precision=precision, comm_policy=comm_policy,
-                         comm=Comm(group), device=device, dtype_of=dtype_of)
+                         comm=Comm(group), device=device, dtype_of=dtype_of, accumulation_steps=accumulation_steps)

@@ -10,8 +10,21 @@ One class serves ZeRO-0, 1 and 2 (the sharding policy decides ownership; see lay
 3. rewires the torch optimizer so each param group holds its buckets' master chunks (optimizer state
    therefore exists only for owned elements: 1/world of the whole when sharded);
 4. at the boundary: global grad norm (sum of squares over owned chunks, all-reduced when sharded),
-   overflow check, one fused unscale-and-clip multiply, `optimizer.step()`, then masters are copied
-   into the working buffer and all-gathered per bucket.
+   overflow check, then the update and publication of the new weights, in one of two ways:
+   - dsrun's FusedAdam: per bucket, one kernel applies the unscale-and-clip coefficient, the Adam
+     update and the cast into the working buffer, and the bucket's all-gather is launched right away,
+     so the gathers run while later buckets update ([Note: pipelined step]);
+   - any other optimizer: one multiply of every gradient by the coefficient, `optimizer.step()`, a
+     copy of the masters into the working buffer, then the all-gathers.
+
+[Note: pipelined step] FusedAdam's per-bucket step keeps torch's state layout ('step', 'exp_avg',
+'exp_avg_sq' per master), so checkpoints and `state_dict` do not depend on which path ran.
+
+[Note: bucket size] Buckets are at most `OVERLAP_BUCKET_NUMEL` elements even when
+`reduce_bucket_size`/`allgather_bucket_size` allow more (DeepSpeed's 5e8 default): 3 buckets for a
+1B model leave a third of the gradients to reduce after backward ends, while ~64M-element buckets
+(a transformer block or so) overlap all but the last and still move 256 MB per collective. The
+configured sizes remain upper bounds, so they still bound the staging memory.
 """
 from __future__ import annotations
 
@@ -23,12 +36,17 @@ import torch.distributed as dist
 
 from .comm import Comm
 from .layout import FlatLayout, build_layout
+from .param_gather import ForwardGate
 from .reducer import GradReducer
 
-__all__ = ["ZeroOptimizer", "StepResult"]
+__all__ = ["ZeroOptimizer", "StepResult", "OVERLAP_BUCKET_NUMEL"]
+
+OVERLAP_BUCKET_NUMEL = 1 << 26  # [Note: bucket size]
 
 
 class StepResult:
+    """`grad_norm` and `clip_coef` are floats, or 0-dim device tensors ([Note: sync-free step])."""
+
     __slots__ = ("applied", "grad_norm", "clip_coef")
 
     def __init__(self, applied: bool, grad_norm: float, clip_coef: float = 1.0):
@@ -37,7 +55,7 @@ class StepResult:
 
 class ZeroOptimizer:
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sharding, precision,
-                 comm_policy, comm: Comm, device: torch.device, dtype_of):
+                 comm_policy, comm: Comm, device: torch.device, dtype_of, accumulation_steps: int = 1):
         self.module, self.optimizer, self.comm = module, optimizer, comm
         self.param_dtype = dtype_of(precision.param_dtype)
         master_dtype = dtype_of(precision.master_dtype)
@@ -56,7 +74,8 @@ class ZeroOptimizer:
                     named.append((names[p], p))
             groups.append(named)
         self.layout: FlatLayout = build_layout(
-            groups, bucket_numel=comm_policy.reduce_bucket_size, world_size=comm.world_size, rank=comm.rank,
+            groups, bucket_numel=min(comm_policy.reduce_bucket_size, comm_policy.allgather_bucket_size,
+                                     OVERLAP_BUCKET_NUMEL), world_size=comm.world_size, rank=comm.rank,
             sharded=sharding.optimizer_state)
         self.sharded = self.layout.sharded and comm.world_size > 1
         trainable = {s.param for s in self.layout.slots}
@@ -87,10 +106,16 @@ class ZeroOptimizer:
                 p.data = data
 
         self.reducer = GradReducer(self.layout, comm=comm, sharding=sharding, precision=precision,
-                                   comm_policy=comm_policy, device=device, dtype_of=dtype_of)
+                                   comm_policy=comm_policy, device=device, dtype_of=dtype_of,
+                                   accumulation_steps=accumulation_steps)
+        self._gathers: List = []
+        # [Note: param gather overlap] in param_gather.py
+        self.gate = (ForwardGate(module, {s.param: s.bucket for s in self.layout.slots})
+                     if self.sharded and comm_policy.overlap_param_gather else None)
         # 3: the optimizer sees master chunks only.
         for g, group in enumerate(optimizer.param_groups):
             group["params"] = [self.masters[b.index] for b in self.layout.group_buckets(g)]
+        self._bucket_of_master = {id(m): b.index for b, m in zip(self.layout.buckets, self.masters)}
         optimizer.state.clear()
         self._attach_grads()
 
@@ -114,38 +139,98 @@ class ZeroOptimizer:
         return sq
 
     def step(self, *, loss_scale: float, max_norm: float, check_overflow: bool) -> StepResult:
-        """Unscale, clip, update and publish the new weights; skip (returning applied=False) on overflow."""
-        norm = math.sqrt(self.global_grad_norm_sq().item()) / loss_scale
-        finite = math.isfinite(norm)
-        if check_overflow and not finite:
-            return StepResult(False, norm)
-        coef = 1.0 / loss_scale
-        clip_coef = 1.0
-        if max_norm > 0 and finite:
-            ratio = (norm + 1e-6) / max_norm  # DeepSpeed's formula
-            if ratio > 1:
-                clip_coef = 1.0 / ratio
-        coef *= clip_coef
-        grads = self.reducer.grads
-        if coef != 1.0 and grads:
-            torch._foreach_mul_(grads, coef)
-        self._attach_grads()
-        self.optimizer.step()
-        self.publish()
+        """Unscale, clip, update and publish the new weights; skip (returning applied=False) on overflow.
+
+        [Note: sync-free step] Without overflow checking (fp32, bf16) the norm and the clip coefficient stay
+        on the device (as torch's clip_grad_norm_ does) and StepResult carries them as tensors: the host
+        never waits for the GPU here, so it can queue the next forward while backward is still running.
+        With overflow checking (fp16) the host must see the norm to decide whether to skip.
+        With a forward gate the all-gathers may still be running when this returns."""
+        self.wait_params()
+        self.reducer.materialize()
+        unscale = self.reducer.grad_scale / loss_scale  # [Note: gradient scale] in reducer.py
+        sq = self.global_grad_norm_sq()
+        if check_overflow:
+            norm = math.sqrt(sq.item()) * unscale
+            if not math.isfinite(norm):
+                return StepResult(False, norm)
+            ratio = (norm + 1e-6) / max_norm if max_norm > 0 else 0.0  # DeepSpeed's formula
+            clip_coef = 1.0 / ratio if ratio > 1 else 1.0
+            coef = unscale * clip_coef
+        else:
+            norm = sq.sqrt() * unscale
+            clip_coef = ((max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0
+                         else torch.ones((), dtype=torch.float32, device=sq.device))
+            coef = clip_coef * unscale
+        with torch.no_grad():
+            if self._fused_adam():
+                self._fused_step(coef)
+            else:
+                grads = self.reducer.grads
+                if grads and (torch.is_tensor(coef) or coef != 1.0):
+                    torch._foreach_mul_(grads, coef)
+                self._attach_grads()
+                self.optimizer.step()
+                self._cast_and_gather()
+            if self.gate is None:
+                self.wait_gathers()
         return StepResult(True, norm, clip_coef)
+
+    def _fused_adam(self) -> bool:
+        from dsrun.kernels.fused_adam import FusedAdam  # imports no compiled code
+        return type(self.optimizer) is FusedAdam
+
+    def _fused_step(self, coef: float) -> None:
+        """[Note: pipelined step] per bucket: unscale+clip+Adam+cast in one kernel, then its all-gather."""
+        opt = self.optimizer
+        in_forward_order = [(g, m) for g, group in enumerate(opt.param_groups) for m in group["params"]][::-1]
+        for g, master in in_forward_order:
+            b = self._bucket_of_master[id(master)]
+            state = opt.state[master]
+            if len(state) == 0:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(master)
+                state["exp_avg_sq"] = torch.zeros_like(master)
+            state["step"] = int(state["step"]) + 1
+            bucket = self.layout.buckets[b]
+            out = None if self.aliased else self.flat[bucket.own_start:bucket.own_end]
+            if master.numel():
+                opt.step_flat(master, self.reducer.grads[b], state["exp_avg"], state["exp_avg_sq"], state["step"],
+                              out=out, group=g, grad_scale=coef)
+            self._gather(bucket)
 
     @torch.no_grad()
     def publish(self) -> None:
-        """Masters -> working buffer (cast), then all-gather every bucket when sharded."""
+        """Masters -> working buffer (cast), then all-gather every bucket when sharded; waits."""
+        self.wait_params()
+        self._cast_and_gather()
+        self.wait_gathers()
+
+    def _cast_and_gather(self) -> None:
         buckets = self.layout.buckets
         if not self.aliased:
-            for b, master in zip(buckets, self.masters):
-                self.flat[b.own_start:b.own_end].copy_(master)
+            torch._foreach_copy_([self.flat[b.own_start:b.own_end] for b in buckets], self.masters)
+        for b in reversed(buckets):
+            self._gather(b)
+
+    def _gather(self, b) -> None:
         if self.sharded:
-            works = [self.comm.all_gather(self.flat[b.start:b.end], self.flat[b.own_start:b.own_end], async_op=True)
-                     for b in buckets]
-            for w in works:
-                w.wait()
+            work = self.comm.all_gather(self.flat[b.start:b.end], self.flat[b.own_start:b.own_end], async_op=True)
+            if self.gate is not None:
+                self.gate.add(b.index, work)
+            else:
+                self._gathers.append(work)
+
+    def wait_gathers(self) -> None:
+        gathers, self._gathers = self._gathers, []
+        for w in gathers:
+            w.wait()
+        if self.gate is not None:
+            self.gate.wait_all()
+
+    def wait_params(self) -> None:
+        """Block until every rank's updated weights are in the working buffer (stream order on GPU)."""
+        self.wait_gathers()
 
     # -- introspection for checkpoints and tests ----------------------------------------------------
 
@@ -211,6 +296,10 @@ class ZeroOptimizer:
                         state[k] = v
 
     def destroy(self) -> None:
+        self.wait_params()
+        if self.gate is not None:
+            self.gate.remove()
+            self.gate = None
         self.reducer.remove()
         for m in self.masters:
             m.grad = None

@@ -106,14 +106,52 @@ def cells():
                 yield precision, stage, gas, (stage + gas) % 2  # variant: small buckets + overlap_comm
 
 
-def _train_all(rank, world):
+def extra_cells():
+    """Paths beside the matrix: (key, precision, stage, gas, config overrides, client optimizer or None).
+
+    - dsrun's FusedAdam as the client optimizer takes ZeroOptimizer's per-bucket fused step (grad scale
+      folded into the kernel, cast straight into the working buffer); on CPU it runs the reference.
+    - prescale_gradients / gradient_predivide_factor and an fp16 wire pre-divide before reducing.
+    - overlap_param_gather: the post-step all-gathers complete under the next forward.
+    """
+    for precision in ("fp32", "bf16"):
+        for stage in (0, 1, 2):
+            for gas in (1, 2):
+                yield ("fused", precision, stage, gas), precision, stage, gas, {}, "fused"
+    for stage in (0, 1):
+        yield ("prescale", stage), "fp32", stage, 2, {"prescale_gradients": True, "gradient_predivide_factor": 2.0}, None
+    for stage in (1, 2):
+        yield ("fp16-wire", stage), "fp32", stage, 1, {"communication_data_type": "fp16"}, None
+    for precision in ("fp32", "bf16"):  # all-gathers left running into the next forward
+        for stage, gas in ((1, 1), (1, 2), (2, 2)):
+            yield (("gather-overlap", precision, stage, gas), precision, stage, gas,
+                   {"zero_optimization": {"stage": stage, "reduce_bucket_size": 60, "overlap_comm": True,
+                                          "overlap_param_gather": True}}, "fused" if gas == 2 else None)
+
+
+def _fused_adam(params):
+    from dsrun.kernels import FusedAdam
+    return FusedAdam(params, lr=LR, weight_decay=0.01)
+
+
+def _train_all(rank, world, extra=False):
     import torch.distributed as dist
 
     import dsrun
     out = {}
-    for precision, stage, gas, variant in cells():
+    if extra:
+        specs = []
+        for key, precision, stage, gas, overrides, opt in extra_cells():
+            cfg = dict(cell_config(precision, stage, gas, world, 1), **overrides)
+            if opt == "fused":
+                cfg.pop("optimizer")
+            specs.append((key, gas, cfg, _fused_adam if opt == "fused" else None))
+    else:
+        specs = [((precision, stage, gas), gas, cell_config(precision, stage, gas, world, variant), None)
+                 for precision, stage, gas, variant in cells()]
+    for key, gas, cfg, client_opt in specs:
         model = make_model()
-        engine, _, _, _ = dsrun.initialize(model=model, config=cell_config(precision, stage, gas, world, variant))
+        engine, _, _, _ = dsrun.initialize(model=model, config=cfg, optimizer=client_opt)
         losses = []
         for x, y in make_data(world, gas):
             total = 0.0
@@ -128,7 +166,8 @@ def _train_all(rank, world):
             dist.all_reduce(t)
             losses.append(t.item() / world)
         assert all(p.grad is None for p in engine.module.parameters())
-        out[(precision, stage, gas)] = (losses, [p.detach().float().clone() for p in engine.module.parameters()],
+        engine.wait_params()  # overlap_param_gather leaves the last step's all-gathers in flight
+        out[key] = (losses, [p.detach().float().clone() for p in engine.module.parameters()],
                                         engine.skipped_steps, engine.global_steps)
         engine.destroy()
     return out
@@ -137,20 +176,30 @@ def _train_all(rank, world):
 _RESULTS = {}
 
 
-def results(world):
-    if world not in _RESULTS:
-        _RESULTS[world] = run_ranks(_train_all, world_size=world, timeout=300)
-    return _RESULTS[world]
+def results(world, extra=False):
+    if (world, extra) not in _RESULTS:
+        _RESULTS[world, extra] = run_ranks(_train_all, world_size=world, timeout=300, args=(extra,))
+    return _RESULTS[world, extra]
 
 
 @pytest.mark.parametrize("world", (1, 2))
 @pytest.mark.parametrize("precision,stage,gas,variant", list(cells()))
 def test_matches_pytorch(world, precision, stage, gas, variant):
-    per_rank = results(world)
+    check_cell(results(world), (precision, stage, gas), world, precision, gas)
+
+
+@pytest.mark.parametrize("world", (1, 2))
+@pytest.mark.parametrize("key,precision,stage,gas", [c[:4] for c in extra_cells()], ids=str)
+def test_other_paths_match_pytorch(world, key, precision, stage, gas):
+    # gradients rounded to fp16 on the wire track fp32 to ~1e-3 only
+    check_cell(results(world, extra=True), key, world, precision, gas, tol=1e-3 if key[0] == "fp16-wire" else None)
+
+
+def check_cell(per_rank, key, world, precision, gas, tol=None):
     ref_losses, ref_params = reference(world, gas)
-    tol = TOL[precision]
+    tol = tol or TOL[precision]
     for rank, res in enumerate(per_rank):
-        losses, params, skipped, steps = res[(precision, stage, gas)]
+        losses, params, skipped, steps = res[key]
         assert skipped == 0 and steps == STEPS
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=tol, atol=tol * 1e-2)
         if precision == "fp32":
@@ -161,5 +210,5 @@ def test_matches_pytorch(world, precision, stage, gas, variant):
             want = torch.cat([q.reshape(-1) for q in emulate(world, gas, precision)])
             assert (got - want).norm() / want.norm() < 1e-2
     if world == 2:  # ranks agree bit for bit
-        for a, b in zip(per_rank[0][(precision, stage, gas)][1], per_rank[1][(precision, stage, gas)][1]):
+        for a, b in zip(per_rank[0][key][1], per_rank[1][key][1]):
             assert torch.equal(a, b)

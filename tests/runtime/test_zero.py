@@ -52,12 +52,13 @@ def test_layout_tiles_every_parameter_once():
 def _memory_job(rank, world):
     import dsrun
     out = {}
-    for stage in (0, 1, 2):
-        engine, *_ = dsrun.initialize(model=model(), config=config(stage))
+    for stage, gas in ((0, 1), (1, 1), (1, 2), (2, 1), (2, 2)):
+        engine, *_ = dsrun.initialize(model=model(), config=config(stage, train_batch_size=2 * gas,
+                                                                     gradient_accumulation_steps=gas))
         train(engine, rank)
         z = engine.zero
-        out[stage] = {"state": z.optimizer_state_numel(), "total": z.layout.numel, "mode": z.reducer.mode,
-                      "full_accum": z.reducer.accum is not None}
+        out[stage, gas] = {"state": z.optimizer_state_numel(), "total": z.layout.numel, "mode": z.reducer.mode,
+                           "full_accum": z.reducer.accum is not None}
         engine.destroy()
     return out
 
@@ -66,10 +67,15 @@ def test_optimizer_state_is_one_over_world():
     r0, r1 = run_ranks(_memory_job, world_size=2)
     for res in (r0, r1):
         # Adam: exp_avg + exp_avg_sq over every (padded) element, or over this rank's half of them
-        assert res[0]["state"] == 2 * res[0]["total"]
-        assert res[1]["state"] == 2 * res[1]["total"] // 2 and res[2]["state"] == 2 * res[2]["total"] // 2
-        assert res[0]["mode"] == "replicated" and res[1]["mode"] == "shard_at_boundary"
-        assert res[2]["mode"] == "shard_every_step" and not res[2]["full_accum"]
+        assert res[0, 1]["state"] == 2 * res[0, 1]["total"]
+        for key in ((1, 1), (1, 2), (2, 1), (2, 2)):
+            assert res[key]["state"] == 2 * res[key]["total"] // 2
+        assert res[0, 1]["mode"] == "replicated"
+        # ZeRO-1 accumulates in a full buffer and reduces at the boundary only when there is something to
+        # accumulate; without accumulation it reduces bucket by bucket as ZeRO-2 does, with no full buffer.
+        assert res[1, 2]["mode"] == "shard_at_boundary" and res[1, 2]["full_accum"]
+        for key in ((1, 1), (2, 1), (2, 2)):
+            assert res[key]["mode"] == "shard_every_step" and not res[key]["full_accum"]
 
 
 def _fallback_job(rank, world, native):
@@ -164,3 +170,27 @@ def test_checkpoint_shards_round_trip_and_destroy(stage):
         else:
             covered = sum(b - a for a, b in spans)
             assert covered == numel and max(b for _, b in spans) == numel
+
+
+def _gather_overlap_job(rank, world):
+    import dsrun
+    cfg = config(2, zero_optimization={"stage": 2, "reduce_bucket_size": 16, "overlap_comm": True,
+                                       "overlap_param_gather": True})
+    engine, *_ = dsrun.initialize(model=model(), config=cfg)
+    hooks = sum(len(m._forward_pre_hooks) for m in engine.module.modules())
+    train(engine, rank)
+    pending_after_step = engine.zero.gate.pending
+    state = {k: v.clone() for k, v in engine.module.state_dict().items()}  # waits
+    engine.destroy()
+    left = sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in engine.module.modules())
+    return hooks, pending_after_step, state, left
+
+
+def test_overlap_param_gather_waits_in_state_dict_and_cleans_up():
+    r0, r1 = run_ranks(_gather_overlap_job, world_size=2)
+    for hooks, pending, _, left in (r0, r1):
+        assert hooks == 2  # one per Linear (the modules that own parameters)
+        assert pending  # step() returned with gathers in flight
+        assert left == 0
+    for k in r0[2]:
+        assert torch.equal(r0[2][k], r1[2][k]), k
