@@ -7,10 +7,16 @@ the JSON line each job prints, prints a table and appends it to benchmarks/RESUL
 
 CPU variant (gloo, 2 ranks): `--cpu --gpus 2 --shape 512,8,8,1376,8000,256,4`.
 Worker: `--worker --mode M` (started by the driver). Contenders:
-  dsrun-z1 / dsrun-z2   dsrun.initialize, bf16, fp32 master, AdamW, ZeRO stage 1 / 2
+  dsrun-z1 / dsrun-z2   dsrun.initialize, bf16, fp32 master, AdamW, ZeRO stage 1 / 2 (DeepSpeed's config)
+  dsrun-z1-pg / -z2-pg  the same plus `zero_optimization.overlap_param_gather` (dsrun option: the post-step
+                        all-gather runs under the next forward)
   ds-z1 / ds-z2         DeepSpeed from PyPI with the same config (skipped when not importable)
   fsdp2 / fsdp2-noreshard  torch fully_shard per block, bf16 params, fp32 reduce, fused AdamW
   ddp                   torch DDP under bf16 autocast, fused AdamW
+  compute               bf16 module, forward + backward only, no communication, no optimizer: the floor
+
+`--phases N` adds N steps with a device sync between forward, backward and step and reports each
+phase's median (where the time goes; these steps are not in the headline figure).
 """
 import argparse
 import datetime
@@ -65,16 +71,33 @@ def worker(args):
             import dsrun as engine_lib
         else:
             import deepspeed as engine_lib
-        stage = int(mode[-1])
+        stage = int(mode.split("-")[1][-1])
         cfg = ds_config(stage, shape.micro_batch, world, torch_adam=mode.startswith("ds-"))
+        if mode.endswith("-pg"):
+            cfg["zero_optimization"]["overlap_param_gather"] = True
         if not cuda:
             cfg.pop("bf16")
         engine, _, _, _ = engine_lib.initialize(model=model.to(device), model_parameters=model.parameters(), config=cfg)
 
-        def train_step(tokens, targets):
+        def train_step(tokens, targets, phase=None):
             loss = engine(tokens, targets)
+            phase and phase("fwd")
             engine.backward(loss)
+            phase and phase("bwd")
             engine.step()
+            return loss
+    elif mode == "compute":
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        net = model.to(device, torch.bfloat16 if cuda else torch.float32)
+
+        def train_step(tokens, targets, phase=None):
+            loss = net(tokens, targets)
+            phase and phase("fwd")
+            loss.backward()
+            phase and phase("bwd")
+            for p in net.parameters():
+                p.grad = None
             return loss
     else:
         if not dist.is_initialized():
@@ -96,32 +119,65 @@ def worker(args):
             net = torch.nn.parallel.DistributedDataParallel(model.to(device), bucket_cap_mb=100)
         opt = torch.optim.AdamW(net.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
-        def train_step(tokens, targets):
+        def train_step(tokens, targets, phase=None):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and mode == "ddp"):
                 loss = net(tokens, targets)
+            phase and phase("fwd")
             loss.backward()
+            phase and phase("bwd")
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             return loss
 
     rank = dist.get_rank()
+
+    def split(b):
+        return b[:, :-1], b[:, 1:]
     g = torch.Generator(device="cpu").manual_seed(1234 + rank)
     batches = [torch.randint(0, shape.vocab, (shape.micro_batch, shape.seq + 1), generator=g) for _ in range(4)]
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    times, losses = [], []
-    for step in range(args.warmup + args.steps):
+    losses = []
+    for step in range(args.warmup):
+        losses.append(float(train_step(*split(batches[step % len(batches)].to(device))).detach()))
+    # [Note: windowed timing] the timed steps run back to back with no host sync between them (as in real
+    # training, where the loss is read every N steps): the headline is the window's mean step. Work a
+    # contender leaves running past step() (overlapped all-gathers) is paid for by the next step.
+    inputs = [split(batches[(args.warmup + i) % len(batches)].to(device)) for i in range(args.steps)]
+    sync()
+    t0 = time.perf_counter()
+    window = [train_step(*x).detach() for x in inputs]
+    sync()
+    step_s = (time.perf_counter() - t0) / args.steps
+    losses += [float(x) for x in window]
+    if args.profile:  # every rank steps (collectives), rank 0 records
+        import contextlib
+
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with (profile(activities=acts) if dist.get_rank() == 0 else contextlib.nullcontext()) as prof:
+            for x in inputs[:3]:
+                train_step(*x)
+            sync()
+        if prof is not None:
+            prof.export_chrome_trace(os.path.join(args.profile, f"trace_{mode}_{world}.json"))
+            print(prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=20))
+    dist.barrier()
+    phases = {}
+    for step in range(args.phases):
         b = batches[step % len(batches)].to(device)
         sync()
-        t0 = time.perf_counter()
-        loss = train_step(b[:, :-1], b[:, 1:])
-        sync()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
-    step_s = sorted(times)[len(times) // 2]
+        marks = [("start", time.perf_counter())]
+
+        def phase(name):
+            sync()
+            marks.append((name, time.perf_counter()))
+        train_step(b[:, :-1], b[:, 1:], phase)
+        phase("step")
+        for (_, t0), (name, t1) in zip(marks, marks[1:]):
+            phases.setdefault(name, []).append(t1 - t0)
     tokens = shape.micro_batch * shape.seq
     result = {
         "mode": mode, "world": world, "step_ms": round(step_s * 1e3, 1),
@@ -129,6 +185,8 @@ def worker(args):
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "params": num_params,
     }
+    if phases:
+        result["phases_ms"] = {k: round(sorted(v)[len(v) // 2] * 1e3, 1) for k, v in phases.items()}
     if rank == 0:
         print("B3RESULT " + json.dumps(result), flush=True)
     dist.barrier()
@@ -153,7 +211,9 @@ def driver(args):
                 print(f"skip {mode}: deepspeed not importable", flush=True)
                 continue
             cmd = DSRUN + ["--num_gpus", str(world), __file__, "--worker", "--mode", mode,
-                   "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--phases", str(args.phases)]
+            if args.profile:
+                cmd += ["--profile", args.profile]
             if args.shape:
                 cmd += ["--shape", args.shape]
             if args.cpu:
@@ -179,14 +239,16 @@ def report(args, results):
     head = "| contender | ranks | step ms | tok/s/GPU | MFU | peak GiB | loss first→last |\n|---|---|---|---|---|---|---|\n"
     rows = "".join(
         f"| {r['mode']} | {r['world']} | {r.get('step_ms', '-')} | {r.get('tok_s_gpu', r.get('error'))} | "
-        f"{r.get('mfu', '-')} | {r.get('peak_gib', '-')} | {r.get('loss_first', '-')}→{r.get('loss_last', '-')} |\n"
+        f"{r.get('mfu', '-')} | {r.get('peak_gib', '-')} | {r.get('loss_first', '-')}→{r.get('loss_last', '-')} |"
+        + (f" {r['phases_ms']}" if r.get("phases_ms") else "") + "\n"
         for r in results)
     text = (f"\n## B3 ZeRO throughput ({datetime.date.today().isoformat()})\n\n"
             f"- machine: {dev} x{torch.cuda.device_count() if torch.cuda.is_available() else 0}, "
             f"{os.cpu_count()} CPU cores\n- versions: {json.dumps(versions())}\n"
             f"- command: `python benchmarks/bench_b3.py {' '.join(sys.argv[1:])}`\n"
             f"- shape: {args.shape or 'd=2048 L=22 H=32 ffn=5632 V=32000 seq=2048 mb=4 (1.26B)'}; "
-            f"{args.warmup} warm-up + {args.steps} timed steps, median step\n\n" + head + rows)
+            f"{args.warmup} warm-up steps, then {args.steps} steps timed as one window (no host sync between "
+            f"steps); step ms = window / steps\n\n" + head + rows)
     print(text, flush=True)
     if args.results:
         with open(args.results, "a") as f:
@@ -203,6 +265,8 @@ def main():
     p.add_argument("--cpu", action="store_true")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--phases", type=int, default=0)
+    p.add_argument("--profile", default="", help="directory: rank 0 writes a chrome trace of 3 steps per job")
     p.add_argument("--timeout", type=int, default=300)
     p.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
     p.add_argument("--local_rank", type=int, default=-1)
