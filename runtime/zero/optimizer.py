@@ -29,6 +29,7 @@ configured sizes remain upper bounds, so they still bound the staging memory.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext as _nullcontext
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -109,6 +110,7 @@ class ZeroOptimizer:
                                    comm_policy=comm_policy, device=device, dtype_of=dtype_of,
                                    accumulation_steps=accumulation_steps)
         self._gathers: List = []
+        self._side = None  # CUDA stream of the update under a forward gate (_fused_step)
         # [Note: param gather overlap] in param_gather.py
         self.gate = (ForwardGate(module, {s.param: s.bucket for s in self.layout.slots})
                      if self.sharded and comm_policy.overlap_param_gather else None)
@@ -180,24 +182,43 @@ class ZeroOptimizer:
         from dsrun.kernels.fused_adam import FusedAdam  # imports no compiled code
         return type(self.optimizer) is FusedAdam
 
-    def _fused_step(self, coef: float) -> None:
-        """[Note: pipelined step] per bucket: unscale+clip+Adam+cast in one kernel, then its all-gather."""
+    def _fused_step(self, coef) -> None:
+        """[Note: pipelined step] per bucket: unscale+clip+Adam+cast in one kernel, then its all-gather.
+
+        Under a forward gate on CUDA the updates run on a side stream: the next forward starts at once and
+        each layer waits (through its bucket's all-gather, launched after that bucket's update) only for
+        its own weights, so the update of later buckets overlaps the first layers' compute.
+        (Launching the later buckets lazily from the forward's pre-hooks, to take their host work off the
+        step, measured no faster on 4 H200: RESULTS.md B3, 2026-11-22.)"""
         opt = self.optimizer
-        in_forward_order = [(g, m) for g, group in enumerate(opt.param_groups) for m in group["params"]][::-1]
-        for g, master in in_forward_order:
-            b = self._bucket_of_master[id(master)]
-            state = opt.state[master]
-            if len(state) == 0:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(master)
-                state["exp_avg_sq"] = torch.zeros_like(master)
-            state["step"] = int(state["step"]) + 1
-            bucket = self.layout.buckets[b]
-            out = None if self.aliased else self.flat[bucket.own_start:bucket.own_end]
-            if master.numel():
-                opt.step_flat(master, self.reducer.grads[b], state["exp_avg"], state["exp_avg_sq"], state["step"],
-                              out=out, group=g, grad_scale=coef)
-            self._gather(bucket)
+        hypers = [opt._hyper(group) for group in opt.param_groups]
+        by_bucket = {self._bucket_of_master[id(m)]: (g, m) for g, group in enumerate(opt.param_groups)
+                     for m in group["params"]}
+        side = None
+        if self.gate is not None and self.flat.is_cuda:
+            if self._side is None:
+                self._side = torch.cuda.Stream(device=self.flat.device)
+            side = self._side
+            side.wait_stream(torch.cuda.current_stream(self.flat.device))
+            if torch.is_tensor(coef):
+                coef.record_stream(side)  # made on the main stream, read on the side one
+        with torch.cuda.stream(side) if side is not None else _nullcontext():
+            for b in sorted(by_bucket, reverse=True):  # forward order: the last bucket holds the first layers
+                self._update_bucket(b, *by_bucket[b], coef, hypers)
+
+    def _update_bucket(self, b: int, g: int, master: torch.Tensor, coef, hypers) -> None:
+        state = self.optimizer.state[master]
+        if len(state) == 0:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(master)
+            state["exp_avg_sq"] = torch.zeros_like(master)
+        state["step"] = int(state["step"]) + 1
+        bucket = self.layout.buckets[b]
+        out = None if self.aliased else self.flat[bucket.own_start:bucket.own_end]
+        if master.numel():
+            self.optimizer.step_flat(master, self.reducer.grads[b], state["exp_avg"], state["exp_avg_sq"],
+                                     state["step"], out=out, group=g, grad_scale=coef, **hypers[g])
+        self._gather(bucket)
 
     @torch.no_grad()
     def publish(self) -> None:
@@ -229,8 +250,11 @@ class ZeroOptimizer:
             self.gate.wait_all()
 
     def wait_params(self) -> None:
-        """Block until every rank's updated weights are in the working buffer (stream order on GPU)."""
+        """Block until every rank's updated weights are in the working buffer and the update itself has
+        finished (stream order on GPU)."""
         self.wait_gathers()
+        if self._side is not None:
+            torch.cuda.current_stream(self.flat.device).wait_stream(self._side)
 
     # -- introspection for checkpoints and tests ----------------------------------------------------
 

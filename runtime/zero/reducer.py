@@ -21,6 +21,14 @@ early waits for the ones before it); leftovers are flushed in index order at the
 Ranks whose graphs differ (an unused parameter on one rank only) therefore still issue identical
 collective sequences.
 
+[Note: 16-bit wire, fp32 sums] In `shard_every_step` with 16-bit working weights and fp32 reduction
+(bf16's default), the gradients autograd produces are 16-bit already: casting them to fp32 before
+the wire adds no information and doubles the bytes. Such buckets travel in their own dtype through
+one `all_to_all` (rank r receives every rank's r-th chunk) and the owner sums the world's chunks in
+fp32 (`sum(dim=0, dtype=float32)` straight into the partition). The sums are fp32 as the policy asks
+(only their order differs from a ring reduce-scatter), the wire carries half the bytes, and the
+staging copy is a plain copy instead of a cast.
+
 [Note: gradient scale] Collectives *sum*. The mean's 1/world (and DeepSpeed's
 `gradient_predivide_factor`) is not a separate pass over the gradients: `grad_scale` tells the
 optimizer what to multiply the reduced gradients by, and it folds that into the unscale-and-clip
@@ -67,6 +75,11 @@ class GradReducer:
             self.pre_factor = 1.0
         mean = comm_policy.allreduce_op == "mean"
         self.grad_scale = 1.0 / ((world if mean else 1) * self.pre_factor)
+        # [Note: 16-bit wire, fp32 sums]
+        grad_dtype = dtype_of(precision.param_dtype)
+        self.sum_locally = (self.mode == SHARD_EVERY_STEP and world > 1 and grad_dtype != torch.float32
+                            and self.reduce_dtype == torch.float32 and self.pre_factor == 1.0)
+        self.wire_dtype = grad_dtype if self.sum_locally else self.reduce_dtype
         self.device = device
         nb = len(layout.buckets)
         if self.mode == REPLICATED:
@@ -206,6 +219,8 @@ class GradReducer:
             full = self._staging.pop(b)[0]
         else:
             src = self.accum[bucket.start:bucket.end]
+        if self.sum_locally:
+            return self._launch_all_to_all(bucket, src, out, full)
         send = src if src.dtype == self.reduce_dtype else src.to(self.reduce_dtype)
         if self.pre_factor != 1.0:
             send.mul_(self.pre_factor)
@@ -225,6 +240,24 @@ class GradReducer:
                     out.copy_(recv)
                 if full is not None:
                     self._free.append(full)
+        self._track(work, finalize)
+
+    def _launch_all_to_all(self, bucket, src: torch.Tensor, out: torch.Tensor, full: torch.Tensor) -> None:
+        """[Note: 16-bit wire, fp32 sums]"""
+        recv = torch.empty_like(src)
+        work = self.comm.all_to_all(recv, src, async_op=self.overlap)
+        overwrite, world = self._overwrite, self.comm.world_size
+
+        def finalize():
+            chunks = recv.view(world, bucket.own_numel)
+            if overwrite:
+                torch.sum(chunks, dim=0, dtype=torch.float32, out=out)
+            else:
+                out.add_(chunks.sum(dim=0, dtype=torch.float32))
+            self._free.append(full)
+        self._track(work, finalize)
+
+    def _track(self, work, finalize) -> None:
         if self.overlap:
             self._pending.append((work, finalize))
         else:
@@ -242,7 +275,7 @@ class GradReducer:
         if self._free:
             full = self._free.pop()
         else:
-            full = torch.empty(self._max_bucket, dtype=self.reduce_dtype, device=self.device)
+            full = torch.empty(self._max_bucket, dtype=self.wire_dtype, device=self.device)
             self._num_staging += 1
         buf = full[:bucket.numel]
         last = bucket.slots[-1]

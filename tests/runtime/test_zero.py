@@ -81,10 +81,12 @@ def test_optimizer_state_is_one_over_world():
 def _fallback_job(rank, world, native):
     import dsrun
     results = []
-    for stage in (1, 2):
-        engine, *_ = dsrun.initialize(model=model(), config=config(stage))
+    for stage, extra in ((1, {}), (2, {}), (2, {"bf16": {"enabled": True}})):  # bf16: 16-bit all-to-all
+        engine, *_ = dsrun.initialize(model=model(), config=config(stage, **extra))
+        assert engine.zero.reducer.sum_locally == bool(extra)
         engine.zero.comm.native_reduce_scatter = native
         engine.zero.comm.native_all_gather = native
+        engine.zero.comm.native_all_to_all = native
         train(engine, rank, steps=3)
         results.append([p.detach().clone() for p in engine.module.parameters()])
         engine.destroy()
@@ -194,3 +196,28 @@ def test_overlap_param_gather_waits_in_state_dict_and_cleans_up():
         assert left == 0
     for k in r0[2]:
         assert torch.equal(r0[2][k], r1[2][k]), k
+
+
+def _overlapped_update_job(rank, world):
+    """overlap_param_gather with FusedAdam (per-bucket updates, gathers left running) and a scheduler that
+    moves the learning rate every step: the same weights as without the option."""
+    import dsrun
+    from dsrun.kernels import FusedAdam
+    out = []
+    for gather in (False, True):
+        cfg = config(2, zero_optimization={"stage": 2, "reduce_bucket_size": 16, "overlap_comm": True,
+                                           "overlap_param_gather": gather},
+                     scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 3, "warmup_max_lr": 0.1}})
+        engine, *_ = dsrun.initialize(model=model(), config=cfg,
+                                      optimizer=lambda ps: FusedAdam(ps, lr=0.1, weight_decay=0.01))
+        train(engine, rank, steps=4)
+        engine.wait_params()
+        out.append([p.detach().clone() for p in engine.module.parameters()])
+        engine.destroy()
+    return out
+
+
+def test_overlapped_updates_match_with_a_scheduler():
+    for plain, overlapped in run_ranks(_overlapped_update_job, world_size=2):
+        for a, b in zip(plain, overlapped):
+            assert torch.equal(a, b)
