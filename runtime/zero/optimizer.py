@@ -143,11 +143,12 @@ class ZeroOptimizer:
     def step(self, *, loss_scale: float, max_norm: float, check_overflow: bool) -> StepResult:
         """Unscale, clip, update and publish the new weights; skip (returning applied=False) on overflow.
 
-        [Note: sync-free step] Without overflow checking (fp32, bf16) the norm and the clip coefficient stay
-        on the device (as torch's clip_grad_norm_ does) and StepResult carries them as tensors: the host
-        never waits for the GPU here, so it can queue the next forward while backward is still running.
-        With overflow checking (fp16) the host must see the norm to decide whether to skip.
-        With a forward gate the all-gathers may still be running when this returns."""
+        [Note: sync-free step] Without overflow checking (fp32; bf16 with `check_grad_overflow: false`) the
+        norm and the clip coefficient stay on the device (as torch's clip_grad_norm_ does) and StepResult
+        carries them as tensors: the host never waits for the GPU here, so it can queue the next forward
+        while backward is still running. With overflow checking (fp16; bf16 by default, as DeepSpeed) the
+        host must see the norm to decide whether to skip. With a forward gate the all-gathers may still
+        be running when this returns."""
         self.wait_params()
         self.reducer.materialize()
         unscale = self.reducer.grad_scale / loss_scale  # [Note: gradient scale] in reducer.py
@@ -191,7 +192,6 @@ class ZeroOptimizer:
         (Launching the later buckets lazily from the forward's pre-hooks, to take their host work off the
         step, measured no faster on 4 H200: RESULTS.md B3, 2026-11-22.)"""
         opt = self.optimizer
-        hypers = [opt._hyper(group) for group in opt.param_groups]
         by_bucket = {self._bucket_of_master[id(m)]: (g, m) for g, group in enumerate(opt.param_groups)
                      for m in group["params"]}
         side = None
@@ -204,9 +204,9 @@ class ZeroOptimizer:
                 coef.record_stream(side)  # made on the main stream, read on the side one
         with torch.cuda.stream(side) if side is not None else _nullcontext():
             for b in sorted(by_bucket, reverse=True):  # forward order: the last bucket holds the first layers
-                self._update_bucket(b, *by_bucket[b], coef, hypers)
+                self._update_bucket(b, *by_bucket[b], coef)
 
-    def _update_bucket(self, b: int, g: int, master: torch.Tensor, coef, hypers) -> None:
+    def _update_bucket(self, b: int, g: int, master: torch.Tensor, coef) -> None:
         state = self.optimizer.state[master]
         if len(state) == 0:
             state["step"] = 0
@@ -217,7 +217,7 @@ class ZeroOptimizer:
         out = None if self.aliased else self.flat[bucket.own_start:bucket.own_end]
         if master.numel():
             self.optimizer.step_flat(master, self.reducer.grads[b], state["exp_avg"], state["exp_avg_sq"],
-                                     state["step"], out=out, group=g, grad_scale=coef, **hypers[g])
+                                     state["step"], out=out, group=g, grad_scale=coef)
         self._gather(bucket)
 
     @torch.no_grad()
