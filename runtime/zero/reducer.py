@@ -11,7 +11,8 @@ policy and world size once, at construction:
   reduce-scattered into this rank's chunk (the optimizer only needs its own partition).
 - `shard_every_step` (ZeRO-2, and ZeRO-1 without gradient accumulation, where it sends the same bytes
   with no full buffer): no full buffer; each micro-step, a bucket's gradients are copied into a
-  staging buffer in the reduce dtype and reduce-scattered as soon as the bucket is complete; the
+  staging buffer in the wire dtype (the reduce dtype, or the gradients' own 16-bit dtype: [Note: 16-bit
+  wire, fp32 sums]) and sent as soon as the bucket is complete; the
   owned chunk lands in the fp32 partition buffer (written directly on the first micro-step after a
   step, added on later ones). With GAS > 1 this sends GAS times the bytes of ZeRO-1 (as DeepSpeed's
   ZeRO-2) but never holds more than `STAGING_BUFFERS` buckets of full gradients.
