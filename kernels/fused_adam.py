@@ -9,6 +9,7 @@ grad in, 16-bit param copy out, one pass (28 B/param).
 Backends, picked per call: the Triton kernels of `triton_adam.py` for CUDA tensors; without Triton,
 torch's own `_fused_adam(w)_`; for CPU tensors (tests, no GPU) the pure PyTorch reference.
 """
+import math
 import warnings
 from collections import defaultdict
 
@@ -85,19 +86,29 @@ def fused_adam_flat(param, grad, exp_avg, exp_avg_sq, out=None, *, lr, beta1, be
     """One step on same-length contiguous tensors (a ZeRO partition), in place; see module doc.
 
     `grad_scale` (a float or a one-element fp32 tensor on the param's device) multiplies the gradient
-    inside the kernel (ZeRO's unscale-and-clip coefficient), so `grad` itself is left as it was."""
+    inside the kernel (ZeRO's unscale-and-clip coefficient), so `grad` itself is left as it was.
+
+    [Note: non-finite grad_scale skips] A NaN or infinite `grad_scale` means "skip this step": param,
+    states and `out` stay as they were. ZeRO passes NaN when the global gradient norm overflowed, so an
+    overflow skips the update without the host ever reading the norm (runtime/zero/optimizer.py's
+    [Note: device-side skip]); the Triton kernel tests it per program, the fallbacks on the host."""
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("out", out)):
         if t is not None and (t.numel() != param.numel() or not t.is_contiguous() or t.device != param.device):
             raise ValueError(f"fused_adam_flat: {name} must be contiguous, on {param.device}, "
                              f"with {param.numel()} elements")
     if not param.is_contiguous():
         raise ValueError("fused_adam_flat: param must be contiguous")
+    tensor_scale = torch.is_tensor(grad_scale)
     if param.is_cuda and triton_available():
+        if not tensor_scale and not math.isfinite(grad_scale):
+            return
         bc1, bc2 = reference.bias_corrections(beta1, beta2, step, bias_correction)
         return _triton.adam_flat(param, grad, exp_avg, exp_avg_sq, out, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                  weight_decay=weight_decay, bc1=bc1, bc2=bc2, adamw_mode=adamw_mode,
                                  grad_scale=grad_scale)
-    if torch.is_tensor(grad_scale) or grad_scale != 1.0:
+    if not math.isfinite(float(grad_scale)):  # reads a device scalar: the fallbacks are not sync-free
+        return
+    if tensor_scale or grad_scale != 1.0:
         grad = grad.float() * grad_scale
     fused_adam_multi([param], [grad], [exp_avg], [exp_avg_sq], None if out is None else [out], lr=lr,
                      beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,

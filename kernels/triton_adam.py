@@ -19,6 +19,7 @@ __all__ = ["adam_flat", "adam_multi", "CONFIG", "config_for"]
 # in benchmarks/bench_gpu_adam.py on one H200 (2026-11-22, RESULTS.md). Every config from 1024 to
 # 4096 elements and 4 to 16 warps was within 3% there; 8192 was slower.
 CONFIG = {4: (1024, 4), 2: (1024, 4), 1: (4096, 8)}
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # a NaN or inf grad_scale fails `abs(x) <= FLT_MAX`
 
 
 def config_for(dtype):
@@ -51,6 +52,7 @@ def _adam_flat_kernel(P, G, M, V, OUT, n, GSCALE, neg_step, one_minus_b1, b2, on
     p = tl.load(P + offs, mask=mask).to(tl.float32)
     if GSCALE_PTR:  # a device scalar (the clip coefficient, computed without a host sync)
         gscale = tl.load(GSCALE).to(tl.float32)
+        mask = mask & (tl.abs(gscale) <= FLT_MAX)  # [Note: non-finite grad_scale skips] in fused_adam.py
     else:
         gscale = GSCALE
     g = tl.load(G + offs, mask=mask).to(tl.float32) * gscale
@@ -106,7 +108,8 @@ def _scalars(lr, beta1, beta2, eps, weight_decay, bc1, bc2):
 def adam_flat(param, grad, exp_avg, exp_avg_sq, out, *, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
               adamw_mode, grad_scale=1.0, block=None, num_warps=None):
     """One step on same-length contiguous CUDA tensors (ZeRO partitions), in place; the gradient is
-    multiplied by `grad_scale` (a float, or a one-element fp32 CUDA tensor) as it is loaded."""
+    multiplied by `grad_scale` (a float, or a one-element fp32 CUDA tensor) as it is loaded. A tensor
+    `grad_scale` that is not finite leaves every buffer untouched (fused_adam.py's note)."""
     n = param.numel()
     if n == 0:
         return

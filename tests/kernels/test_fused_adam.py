@@ -129,6 +129,30 @@ def test_gpu_flat_grad_scale_matches_prescaled_gradient():
     torch.testing.assert_close(m, rm, rtol=2e-6, atol=1e-9)
 
 
+def _skip_case(device, grad_scale):
+    n = 4097
+    bufs = [torch.randn(n, device=device) for _ in range(3)] + [torch.rand(n, device=device)]
+    out = torch.full((n,), 7.0, device=device, dtype=torch.bfloat16)
+    before = [t.clone() for t in bufs] + [out.clone()]
+    master, g, m, v = bufs
+    fused_adam_flat(master, g, m, v, out, grad_scale=grad_scale, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                    weight_decay=0.01, step=3)
+    return all(torch.equal(a, b) for a, b in zip(before, bufs + [out]))
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_grad_scale_skips_the_update(scale):
+    assert _skip_case("cpu", scale) and _skip_case("cpu", torch.tensor(scale))
+    assert not _skip_case("cpu", torch.tensor(1.0))  # the same call with a finite scale does update
+
+
+@gpu
+@pytest.mark.parametrize("scale", [float("nan"), float("inf")])
+def test_gpu_non_finite_grad_scale_skips_in_the_kernel(scale):
+    assert _skip_case("cuda", torch.tensor([scale], device="cuda")) and _skip_case("cuda", scale)
+    assert not _skip_case("cuda", torch.tensor([1.0], device="cuda"))
+
+
 @gpu
 def test_gpu_multi_tensor_with_outputs_and_many_small_tensors():
     from dsrun.kernels import reference
