@@ -16,9 +16,23 @@ policy (runtime/zero/reducer.py). `step` applies the optimizer only at the accum
 an overflow (non-finite global norm under fp16, or bf16 with `check_grad_overflow`) skips the update
 and the scheduler, counts a skipped step and logs an event, while `global_steps` still increments.
 Inputs are never cast, except floating inputs under `fp16.auto_cast`.
+
+[Note: deferred overflow accounting] When the loss scale cannot change (bf16, or fp16 with a static
+scale) and the optimizer is dsrun's FusedAdam, the overflow check runs on the device and the update
+kernels skip an overflowing step themselves (runtime/zero/optimizer.py's [Note: device-side skip]), so
+`step()` never waits for the GPU. The host books the step as applied at once (step counts, the
+scheduler's step) and learns the outcome later, at the next boundary step or when something asks:
+`was_step_applied()`, `skipped_steps`, `get_lr()`, `get_mom()`, checkpoints and `destroy()` settle it
+first (reading a flag copied to pinned memory when the step was queued, so only that step is waited
+for). If the device skipped, the step counts go back, the scheduler and the param groups' hyperparameters
+are restored from a snapshot taken before its step, and the skip is counted and logged. Reading the
+scheduler or `optimizer.param_groups` directly right after `step()` therefore shows the advanced values
+even for a step that the device is about to report as skipped. A dynamic fp16 loss scale has to know
+the outcome before the next backward, so fp16 keeps the host check.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Callable, Optional
 
@@ -51,6 +65,7 @@ class Engine:
             torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
         self.device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                        else torch.device("cpu"))
+        self._pending = None  # a step booked as applied until the device says ([Note: deferred overflow ...])
         self.global_steps = self.global_samples = self.micro_steps = self.skipped_steps = 0
         self._step_applied = False
         self._grad_norm: Optional[float] = None
@@ -77,6 +92,8 @@ class Engine:
             self._cast_params(model)
         # 4. scheduler
         self.lr_scheduler = self._make_scheduler(lr_scheduler)
+        self._skip_on_device = (self._check_overflow and not self.loss_scaler.dynamic and self.zero is not None
+                                and self.zero.skips_on_device)
         # 5. data
         self.training_dataloader = None
         if training_data is not None:
@@ -167,23 +184,69 @@ class Engine:
         self._boundary_override = None
 
     def _boundary_step(self, lr_kwargs) -> None:
+        self._settle()
         self.zero.reducer.finish_backward()  # no-op after engine.backward; covers a direct loss.backward()
-        scale = self.loss_scaler.loss_scale
-        result = self.zero.step(loss_scale=scale, max_norm=float(self.config.gradient_clipping or 0.0),
-                                check_overflow=self._check_overflow)
+        snapshot = self._snapshot() if self._skip_on_device else None
+        result = self.zero.step(loss_scale=self.loss_scaler.loss_scale,
+                                max_norm=float(self.config.gradient_clipping or 0.0),
+                                check_overflow=self._check_overflow, skip_on_device=snapshot is not None)
         self._grad_norm = result.grad_norm
-        message = self.loss_scaler.update(not result.applied) if self._check_overflow else None
+        if result.overflow is not None:
+            self._pending = (result.overflow, snapshot, self.global_steps, result.grad_norm)
+        elif self._check_overflow:
+            self._account(overflowed=not result.applied, step=self.global_steps, grad_norm=result.grad_norm)
         if result.applied:
             self._step_applied = True
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step(**(lr_kwargs or {}))
-        else:
-            self.skipped_steps += 1
-            if self.global_rank == 0:
-                log.warning("[dsrun] step %d: %s (grad norm %s)", self.global_steps, message, result.grad_norm)
         self.zero.reducer.zero()
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
+
+    def _account(self, *, overflowed: bool, step: int, grad_norm) -> None:
+        message = self.loss_scaler.update(overflowed)
+        if overflowed:
+            self._step_applied = False
+            self._skipped_steps += 1
+            if self.global_rank == 0:
+                norm = grad_norm.item() if torch.is_tensor(grad_norm) else grad_norm
+                log.warning("[dsrun] step %d: %s (grad norm %s)", step, message, norm)
+
+    def _snapshot(self):
+        """What a step booked as applied changes besides step counts: the scheduler's state and the param
+        groups' hyperparameters. None (the host check then runs) when the scheduler cannot be copied."""
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        if self.lr_scheduler is None:
+            return (None, groups)
+        try:
+            return (copy.deepcopy(self.lr_scheduler.state_dict()), groups)
+        except Exception:  # a client scheduler holding something deepcopy refuses
+            self._skip_on_device = False
+            return None
+
+    def _settle(self) -> None:
+        """Learn whether the device skipped the step booked as applied ([Note: deferred overflow accounting])."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        flag, (sched_state, groups), step, grad_norm = pending
+        overflowed = flag.read()
+        if overflowed:
+            self.zero.undo_step()
+            if sched_state is not None:
+                self.lr_scheduler.load_state_dict(sched_state)
+            for group, saved in zip(self.optimizer.param_groups, groups):
+                group.update(saved)
+        self._account(overflowed=overflowed, step=step, grad_norm=grad_norm)
+
+    @property
+    def skipped_steps(self) -> int:
+        self._settle()
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_steps = value
 
     def wait_params(self) -> None:
         """Make the module's weights current after `step()` under `zero_optimization.overlap_param_gather`
@@ -208,6 +271,7 @@ class Engine:
         self._boundary_override = bool(is_boundary)
 
     def was_step_applied(self) -> bool:
+        self._settle()
         return self._step_applied
 
     def get_global_grad_norm(self) -> Optional[float]:
@@ -218,9 +282,11 @@ class Engine:
         return self._grad_norm
 
     def get_lr(self):
+        self._settle()
         return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer is not None else []
 
     def get_mom(self):
+        self._settle()
         return [g.get("betas", (g.get("momentum"),))[0] for g in self.optimizer.param_groups]
 
     def train_batch_size(self) -> int:
@@ -315,6 +381,7 @@ class Engine:
     def checkpoint_scalar_state(self) -> dict:
         """Everything else a checkpoint needs: optimizer groups and scalar state, loss scaler, counters,
         scheduler. Plain Python values (and whatever the scheduler's state_dict holds)."""
+        self._settle()
         return {
             "optimizer_groups": self.zero.scalar_state() if self.zero is not None else [],
             "loss_scaler": self.loss_scaler.state_dict(),
@@ -341,6 +408,7 @@ class Engine:
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         from .checkpoint import engine_io
+        self._settle()
         self.wait_params()
         return engine_io.load(self, load_dir, tag=tag, **kwargs)
 
@@ -349,6 +417,7 @@ class Engine:
     def destroy(self) -> None:
         """Remove every hook and free gradient buffers, masters and optimizer state. The module keeps
         its (working) weights; the engine cannot train afterwards."""
+        self._settle()
         if self.zero is not None:
             self.zero.destroy()
             self.zero = None

@@ -90,6 +90,7 @@ class CommPolicy:
     allgather_bucket_size: int = 500_000_000
     overlap_comm: bool = False
     overlap_param_gather: bool = False  # dsrun: post-step all-gather under the next forward (stages 1-2)
+    copy_engine_comm: bool = True  # dsrun: gathers and 16-bit gradient all-to-alls by copy engines (one node)
     contiguous_gradients: bool = True
     reduce_scatter: bool = True
     allreduce_op: str = "mean"  # gradient_allreduce_op: "mean" | "sum"

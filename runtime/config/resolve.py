@@ -117,6 +117,7 @@ def comm_policy(top: "TopLevelConfig") -> CommPolicy:
         raise ConfigError(f"must be > 0, got {top.gradient_predivide_factor}", where="gradient_predivide_factor")
     return CommPolicy(reduce_bucket_size=zero.reduce_bucket_size, allgather_bucket_size=zero.allgather_bucket_size,
                       overlap_comm=zero.overlap, overlap_param_gather=zero.overlap_param_gather,
+                      copy_engine_comm=zero.copy_engine_comm,
                       contiguous_gradients=zero.contiguous_gradients,
                       reduce_scatter=zero.reduce_scatter, allreduce_op=op,
                       prescale_gradients=top.prescale_gradients,

@@ -104,6 +104,10 @@ class ZeroConfig(Section):
     overlap_comm: Optional[bool] = opt(None, doc="None -> true for stage 3, false otherwise (see .overlap)")
     overlap_param_gather: bool = opt(False, doc="dsrun: stages 1-2 gather updated weights under the next forward "
                                                 "(runtime/zero/param_gather.py)")
+    copy_engine_comm: bool = opt(True, doc="dsrun: on one node with NCCL, stages 1-2 move the weight all-gathers "
+                                           "and the 16-bit gradient all-to-alls with copy engines over symmetric "
+                                           "memory instead of NCCL kernels, where torch supports it "
+                                           "(runtime/zero/copy_engine.py)")
     load_from_fp32_weights: bool = opt(True)
     elastic_checkpoint: bool = opt(False)
     offload_param: Optional[OffloadParamConfig] = opt(None)

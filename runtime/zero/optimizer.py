@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import Comm
+from .copy_engine import CopyEngineGather, copy_engines_usable
 from .layout import FlatLayout, build_layout
 from .param_gather import ForwardGate
 from .reducer import GradReducer
@@ -46,12 +47,35 @@ OVERLAP_BUCKET_NUMEL = 1 << 26  # [Note: bucket size]
 
 
 class StepResult:
-    """`grad_norm` and `clip_coef` are floats, or 0-dim device tensors ([Note: sync-free step])."""
+    """`grad_norm` and `clip_coef` are floats, or 0-dim device tensors ([Note: sync-free step]).
+    `overflow` is set when the overflow check ran on the device ([Note: device-side skip]): the step was
+    launched as applied, and `overflow.read()` says later whether the device skipped it."""
 
-    __slots__ = ("applied", "grad_norm", "clip_coef")
+    __slots__ = ("applied", "grad_norm", "clip_coef", "overflow")
 
-    def __init__(self, applied: bool, grad_norm: float, clip_coef: float = 1.0):
-        self.applied, self.grad_norm, self.clip_coef = applied, grad_norm, clip_coef
+    def __init__(self, applied: bool, grad_norm: float, clip_coef: float = 1.0, overflow=None):
+        self.applied, self.grad_norm, self.clip_coef, self.overflow = applied, grad_norm, clip_coef, overflow
+
+
+class DeviceFlag:
+    """A 0-dim bool tensor read later without waiting for work queued after it: on CUDA it is copied
+    to pinned memory right away and an event marks the copy, so `read()` waits for that event only
+    (a plain `.item()` would wait for everything queued on the stream since, e.g. the next backward)."""
+
+    def __init__(self, flag: torch.Tensor):
+        self._event = None
+        if flag.is_cuda:
+            self._host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            self._host.copy_(flag, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = flag
+
+    def read(self) -> bool:
+        if self._event is not None:
+            self._event.synchronize()
+        return bool(self._host)
 
 
 class ZeroOptimizer:
@@ -91,10 +115,18 @@ class ZeroOptimizer:
                 dist.broadcast(full, src=dist.get_global_rank(comm.group, 0) if comm.group else 0,
                                group=comm.group)
         self.aliased = master_dtype == self.param_dtype == torch.float32
-        self.flat = full if self.aliased else full.to(self.param_dtype)
+        # [Note: copy-engine collectives] in copy_engine.py: the working buffer then lives in symmetric memory
+        copy_engines = self.sharded and comm_policy.copy_engine_comm and copy_engines_usable(comm, device)
+        self.gather_engine = (CopyEngineGather(self.layout.numel, self.param_dtype, device, comm)
+                              if copy_engines else None)
+        if self.gather_engine is not None:
+            self.flat = self.gather_engine.buffer
+            self.flat.copy_(full)
+        else:
+            self.flat = full if self.aliased else full.to(self.param_dtype)
         self.masters: List[torch.Tensor] = [
-            full[b.own_start:b.own_end] if self.aliased else full[b.own_start:b.own_end].to(master_dtype).clone()
-            for b in self.layout.buckets]
+            self.flat[b.own_start:b.own_end] if self.aliased
+            else full[b.own_start:b.own_end].to(master_dtype).clone() for b in self.layout.buckets]
         del full
         with torch.no_grad():
             for s in self.layout.slots:
@@ -108,7 +140,7 @@ class ZeroOptimizer:
 
         self.reducer = GradReducer(self.layout, comm=comm, sharding=sharding, precision=precision,
                                    comm_policy=comm_policy, device=device, dtype_of=dtype_of,
-                                   accumulation_steps=accumulation_steps)
+                                   accumulation_steps=accumulation_steps, copy_engines=copy_engines)
         self._gathers: List = []
         self._side = None  # CUDA stream of the update under a forward gate (_fused_step)
         # [Note: param gather overlap] in param_gather.py
@@ -131,7 +163,10 @@ class ZeroOptimizer:
         """Sum of squares of the (still loss-scaled) gradients over all ranks' partitions, fp32."""
         grads = [g for g in self.reducer.grads if g.numel()]
         device = self.flat.device
-        if grads:
+        parts = self.reducer.norm_parts  # [Note: norms during backward] in reducer.py
+        if parts is not None and len(parts) == len(self.reducer.grads):
+            sq = torch.stack(parts).pow(2).sum()
+        elif grads:
             norms = torch._foreach_norm(grads)
             sq = torch.stack(norms).float().pow(2).sum()
         else:
@@ -140,20 +175,37 @@ class ZeroOptimizer:
             dist.all_reduce(sq, group=self.comm.group)
         return sq
 
-    def step(self, *, loss_scale: float, max_norm: float, check_overflow: bool) -> StepResult:
+    @property
+    def skips_on_device(self) -> bool:
+        """Whether an overflowing step can be skipped by the update kernels themselves
+        ([Note: device-side skip]): dsrun's FusedAdam, whose flat step skips on a non-finite scale."""
+        return self._fused_adam()
+
+    def step(self, *, loss_scale: float, max_norm: float, check_overflow: bool,
+             skip_on_device: bool = False) -> StepResult:
         """Unscale, clip, update and publish the new weights; skip (returning applied=False) on overflow.
 
         [Note: sync-free step] Without overflow checking (fp32; bf16 with `check_grad_overflow: false`) the
         norm and the clip coefficient stay on the device (as torch's clip_grad_norm_ does) and StepResult
         carries them as tensors: the host never waits for the GPU here, so it can queue the next forward
-        while backward is still running. With overflow checking (fp16; bf16 by default, as DeepSpeed) the
-        host must see the norm to decide whether to skip. With a forward gate the all-gathers may still
-        be running when this returns."""
+        while backward is still running. With a forward gate the all-gathers may still be running when
+        this returns.
+
+        [Note: device-side skip] With overflow checking (fp16; bf16 by default, as DeepSpeed) the host
+        reads the norm to decide whether to skip, so it waits for backward to end before it queues the
+        updates and cannot run ahead of the GPU. (On 4 H200 the B3 model was GPU-bound either way and its
+        step time did not change: RESULTS.md B3, 2026-11-22; a host-bound loop gains.) With
+        `skip_on_device` (the caller's choice: the engine asks for it when the loss scale cannot change,
+        and `skips_on_device` must hold) the step stays sync-free: an overflow turns the coefficient into NaN, every update
+        kernel then leaves its bucket as it was, and the all-gathers republish the unchanged weights. The
+        host counted the step as applied; `StepResult.overflow` tells it later, and `undo_step()` takes
+        the step counts back."""
         self.wait_params()
         self.reducer.materialize()
         unscale = self.reducer.grad_scale / loss_scale  # [Note: gradient scale] in reducer.py
         sq = self.global_grad_norm_sq()
-        if check_overflow:
+        overflow = None
+        if check_overflow and not skip_on_device:
             norm = math.sqrt(sq.item()) * unscale
             if not math.isfinite(norm):
                 return StepResult(False, norm)
@@ -165,6 +217,12 @@ class ZeroOptimizer:
             clip_coef = ((max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0
                          else torch.ones((), dtype=torch.float32, device=sq.device))
             coef = clip_coef * unscale
+            if check_overflow:
+                if not self.skips_on_device:
+                    raise RuntimeError("skip_on_device needs dsrun's FusedAdam")
+                finite = torch.isfinite(norm)
+                coef = torch.where(finite, coef, torch.full_like(coef, math.nan))
+                overflow = DeviceFlag(~finite)
         with torch.no_grad():
             if self._fused_adam():
                 self._fused_step(coef)
@@ -177,7 +235,14 @@ class ZeroOptimizer:
                 self._cast_and_gather()
             if self.gate is None:
                 self.wait_gathers()
-        return StepResult(True, norm, clip_coef)
+        return StepResult(True, norm, clip_coef, overflow)
+
+    def undo_step(self) -> None:
+        """Take back the step counts of a step the device skipped ([Note: device-side skip])."""
+        for master in self.masters:
+            state = self.optimizer.state.get(master)
+            if state and "step" in state:
+                state["step"] = int(state["step"]) - 1
 
     def _fused_adam(self) -> bool:
         from dsrun.kernels.fused_adam import FusedAdam  # imports no compiled code
@@ -226,6 +291,8 @@ class ZeroOptimizer:
         self.wait_params()
         self._cast_and_gather()
         self.wait_gathers()
+        if self.gather_engine is not None:
+            self.gather_engine.fence()
 
     def _cast_and_gather(self) -> None:
         buckets = self.layout.buckets
@@ -235,12 +302,16 @@ class ZeroOptimizer:
             self._gather(b)
 
     def _gather(self, b) -> None:
-        if self.sharded:
+        if not self.sharded:
+            return
+        if self.gather_engine is not None:
+            work = self.gather_engine.all_gather(b.start, b.end)
+        else:
             work = self.comm.all_gather(self.flat[b.start:b.end], self.flat[b.own_start:b.own_end], async_op=True)
-            if self.gate is not None:
-                self.gate.add(b.index, work)
-            else:
-                self._gathers.append(work)
+        if self.gate is not None:
+            self.gate.add(b.index, work)
+        else:
+            self._gathers.append(work)
 
     def wait_gathers(self) -> None:
         gathers, self._gathers = self._gathers, []
@@ -330,4 +401,4 @@ class ZeroOptimizer:
         for group in self.optimizer.param_groups:
             group["params"] = []
         self.optimizer.state.clear()
-        self.masters, self.flat = [], None
+        self.masters, self.flat, self.gather_engine = [], None, None

@@ -3,7 +3,7 @@
     results = run_ranks(fn, world_size=2, args=(...))   # fn(rank, world_size, *args) -> picklable
 
 Each child sets its own RANK/WORLD_SIZE/MASTER_* (children only: the parent's environment is never
-touched), initialises gloo through `dsrun.init_distributed`, runs `fn`, and always destroys the
+touched), initialises gloo (or `backend`) through `dsrun.init_distributed`, runs `fn`, and always destroys the
 process group. A child's exception is re-raised in the parent with the child's traceback text.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(rank, fn, world_size, port, outdir, args, env):
+def _child(rank, fn, world_size, port, outdir, args, env, backend="gloo"):
     import torch
     import torch.distributed as dist
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
@@ -35,7 +35,7 @@ def _child(rank, fn, world_size, port, outdir, args, env):
     result = None
     try:
         from dsrun.runtime.dist import init_distributed
-        init_distributed(dist_backend="gloo")
+        init_distributed(dist_backend=backend)
         result = ("ok", fn(rank, world_size, *args))
     except BaseException as exc:  # report every failure to the parent
         result = ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
@@ -46,12 +46,14 @@ def _child(rank, fn, world_size, port, outdir, args, env):
             pickle.dump(result, f)
 
 
-def run_ranks(fn, *, world_size: int, args=(), env=None, timeout: float = 120.0, start_method: str = "fork"):
+def run_ranks(fn, *, world_size: int, args=(), env=None, timeout: float = 120.0, start_method: str = "fork",
+              backend: str = "gloo"):
     """fn(rank, world_size, *args) on `world_size` ranks; returns the list of results by rank.
 
-    CUDA jobs need start_method="spawn" (CUDA cannot be used in a forked child) and a module-level fn."""
+    CUDA jobs need start_method="spawn" (CUDA cannot be used in a forked child), a module-level fn and,
+    to run on NCCL, backend="nccl"."""
     with tempfile.TemporaryDirectory() as outdir:
-        ctx = mp.start_processes(_child, args=(fn, world_size, free_port(), outdir, args, env), nprocs=world_size,
+        ctx = mp.start_processes(_child, args=(fn, world_size, free_port(), outdir, args, env, backend), nprocs=world_size,
                                  join=False, start_method=start_method)
         try:
             while not ctx.join(timeout=timeout):

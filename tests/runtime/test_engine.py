@@ -150,16 +150,20 @@ def _cuda_bf16_zero2_job(rank, world):
 def test_cuda_bf16_zero2_trains(world):
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} GPUs")
-    for losses in run_ranks(_cuda_bf16_zero2_job, world_size=world, start_method="spawn"):
+    for losses in run_ranks(_cuda_bf16_zero2_job, world_size=world, start_method="spawn", backend="nccl"):
         assert all(l == l for l in losses) and losses[-1] < losses[0]
 
 
 def _cuda_paths_job(rank, world):
     """bf16 ZeRO-1/2 on NCCL through every step path: 16-bit all-to-all reduction, FusedAdam per bucket, the
-    side-stream update and all-gathers left running into the next forward (overlap_param_gather)."""
+    side-stream update and all-gathers left running into the next forward (overlap_param_gather), all-gathers
+    by copy engines (the default on one node) or by NCCL, and an overflowing step skipped on the device."""
     import dsrun
     out = {}
     for name, stage, zero_extra, gas in (("z2", 2, {}, 1), ("z2-pg", 2, {"overlap_param_gather": True}, 1),
+                                         ("z2-nccl", 2, {"copy_engine_comm": False}, 1),
+                                         ("z2-pg-nccl", 2, {"overlap_param_gather": True, "copy_engine_comm": False}, 1),
+                                         ("z2-overflow", 2, {"overlap_param_gather": True}, 1),
                                          ("z1-pg-gas2", 1, {"overlap_param_gather": True}, 2),
                                          ("z1-gas2", 1, {}, 2)):
         torch.manual_seed(0)
@@ -169,12 +173,18 @@ def _cuda_paths_job(rank, world):
             "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
             "zero_optimization": dict(stage=stage, reduce_bucket_size=5000, overlap_comm=True, **zero_extra)})
         g = torch.Generator().manual_seed(rank)
-        for _ in range(6 * gas):
+        for i in range(6 * gas):
             x = torch.randn(4, 64, generator=g).to(engine.device, torch.bfloat16)
-            engine.backward(engine(x).float().pow(2).mean())
+            loss = engine(x).float().pow(2).mean()
+            if name == "z2-overflow" and i == 2:  # an extra, overflowing step: skipped on the device
+                engine.backward(loss * (float("inf") if rank == 0 else 1.0))
+                engine.step()
+                loss = engine(x).float().pow(2).mean()
+            engine.backward(loss)
             engine.step()
         engine.wait_params()
         out[name] = [p.detach().float().cpu() for p in engine.module.parameters()]
+        out[name + ":meta"] = (engine.zero.gather_engine is not None, engine.skipped_steps)
         engine.destroy()
     return out
 
@@ -183,12 +193,18 @@ def _cuda_paths_job(rank, world):
 def test_cuda_step_paths_agree_across_ranks_and_options():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    r0, r1 = run_ranks(_cuda_paths_job, world_size=2, start_method="spawn")
+    r0, r1 = run_ranks(_cuda_paths_job, world_size=2, start_method="spawn", backend="nccl")
     for name in r0:
+        if name.endswith(":meta"):
+            copy_engine, skipped = r0[name]
+            assert copy_engine == ("nccl" not in name) and skipped == (name == "z2-overflow:meta"), name
+            continue
         for a, b in zip(r0[name], r1[name]):
             assert torch.equal(a, b), name  # every rank ends with the same weights
-    for a, b in zip(r0["z2"], r0["z2-pg"]):
-        assert torch.equal(a, b)  # overlapping the all-gather changes timing only
+    # overlapping the all-gather, moving it to NCCL, or skipping an overflow on the device change nothing else
+    for other in ("z2-pg", "z2-nccl", "z2-pg-nccl", "z2-overflow"):
+        for a, b in zip(r0["z2"], r0[other]):
+            assert torch.equal(a, b), other
     for a, b in zip(r0["z1-gas2"], r0["z1-pg-gas2"]):
         assert torch.equal(a, b)
 

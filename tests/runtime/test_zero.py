@@ -221,3 +221,54 @@ def test_overlapped_updates_match_with_a_scheduler():
     for plain, overlapped in run_ranks(_overlapped_update_job, world_size=2):
         for a, b in zip(plain, overlapped):
             assert torch.equal(a, b)
+
+
+
+def _device_skip_job(rank, world, stage):
+    """bf16 with FusedAdam settles overflow on the device ([Note: deferred overflow accounting]): a run with
+    an overflowing step in the middle must end exactly where the run without that step ends, with the
+    scheduler, step counts and counters settled as the host check would leave them."""
+    import dsrun
+    from dsrun.kernels import FusedAdam
+    sched = {"type": "WarmupLR", "params": {"warmup_num_steps": 5, "warmup_max_lr": 0.1}}
+    runs = {}
+    for name, batches in (("clean", (0, 2, 3)), ("overflow", (0, None, 2, 3))):
+        engine, *_ = dsrun.initialize(model=model(), config=config(stage, bf16={"enabled": True}, scheduler=sched,
+                                                                   gradient_clipping=1.0),
+                                      optimizer=lambda ps: FusedAdam(ps, lr=0.1, weight_decay=0.01))
+        assert engine._skip_on_device
+        lrs, applied = [], []
+        for i in batches:
+            if i is None:  # one rank overflows: every rank skips
+                loss = engine(torch.randn(1, 6).bfloat16()).float().sum() * (float("inf") if rank == 1 else 1.0)
+            else:
+                x = torch.randn(1, 6, generator=torch.Generator().manual_seed(10 * i + rank)).bfloat16()
+                loss = engine(x).float().pow(2).sum()
+            engine.backward(loss)
+            engine.step()
+            applied.append(engine.was_step_applied())
+            lrs.append(engine.get_lr()[0])
+        state = engine.checkpoint_scalar_state()
+        steps = {v["step"] for v in engine.zero.optimizer.state.values()}
+        runs[name] = ([p.detach().clone() for p in engine.module.parameters()], lrs, applied, state, steps)
+        engine.destroy()
+    static, *_ = dsrun.initialize(model=model(), config=config(stage, fp16={"enabled": True, "loss_scale": 128}),
+                                  optimizer=lambda ps: FusedAdam(ps, lr=0.1))
+    dynamic, *_ = dsrun.initialize(model=model(), config=config(stage, fp16={"enabled": True}),
+                                   optimizer=lambda ps: FusedAdam(ps, lr=0.1))
+    return runs, static._skip_on_device, dynamic._skip_on_device
+
+
+@pytest.mark.parametrize("stage", (0, 2))
+def test_device_side_overflow_skip_matches_a_run_without_the_step(stage):
+    for runs, static, dynamic in run_ranks(_device_skip_job, world_size=2, args=(stage,)):
+        clean_w, clean_lrs, clean_applied, clean_state, clean_steps = runs["clean"]
+        w, lrs, applied, state, steps = runs["overflow"]
+        assert all(torch.equal(a, b) for a, b in zip(w, clean_w))
+        assert applied == [True, False, True, True] and clean_applied == [True] * 3
+        assert lrs == clean_lrs[:1] + clean_lrs  # the skipped step did not move the scheduler
+        assert steps == clean_steps == {3}  # nor count as an Adam step
+        assert state["lr_scheduler"] == clean_state["lr_scheduler"]
+        assert state["counters"]["skipped_steps"] == 1 and state["counters"]["global_steps"] == 4
+        assert state["loss_scaler"]["cur_iter"] == clean_state["loss_scaler"]["cur_iter"] + 1
+        assert static and not dynamic  # a dynamic fp16 scale needs the outcome before the next backward
