@@ -10,6 +10,8 @@ Worker: `--worker --mode M` (started by the driver). Contenders:
   dsrun-z1 / dsrun-z2   dsrun.initialize, bf16, fp32 master, AdamW, ZeRO stage 1 / 2 (DeepSpeed's config)
   dsrun-z1-pg / -z2-pg  the same plus `zero_optimization.overlap_param_gather` (dsrun option: the post-step
                         all-gather runs under the next forward)
+  dsrun-...-nccl        the same with `zero_optimization.copy_engine_comm: false` (all-gathers and gradient
+                        all-to-alls by NCCL kernels instead of copy engines)
   ds-z1 / ds-z2         DeepSpeed from PyPI with the same config (skipped when not importable)
   fsdp2 / fsdp2-noreshard  torch fully_shard per block, bf16 params, fp32 reduce, fused AdamW
   ddp                   torch DDP under bf16 autocast, fused AdamW
@@ -73,8 +75,10 @@ def worker(args):
             import deepspeed as engine_lib
         stage = int(mode.split("-")[1][-1])
         cfg = ds_config(stage, shape.micro_batch, world, torch_adam=mode.startswith("ds-"))
-        if mode.endswith("-pg"):
+        if "-pg" in mode:
             cfg["zero_optimization"]["overlap_param_gather"] = True
+        if mode.endswith("-nccl"):
+            cfg["zero_optimization"]["copy_engine_comm"] = False
         if not cuda:
             cfg.pop("bf16")
         engine, _, _, _ = engine_lib.initialize(model=model.to(device), model_parameters=model.parameters(), config=cfg)
@@ -146,11 +150,19 @@ def worker(args):
     # training, where the loss is read every N steps): the headline is the window's mean step. Work a
     # contender leaves running past step() (overlapped all-gathers) is paid for by the next step.
     inputs = [split(batches[(args.warmup + i) % len(batches)].to(device)) for i in range(args.steps)]
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)] if cuda else []
     sync()
     t0 = time.perf_counter()
-    window = [train_step(*x).detach() for x in inputs]
+    window = []
+    for i, x in enumerate(inputs):
+        marks and marks[i].record()
+        window.append(train_step(*x).detach())
+    marks and marks[-1].record()
     sync()
     step_s = (time.perf_counter() - t0) / args.steps
+    # per step, between the events queued as each step began (device time; the last one excludes work
+    # left running past the final step())
+    each_ms = [round(a.elapsed_time(b), 1) for a, b in zip(marks, marks[1:])]
     losses += [float(x) for x in window]
     if args.profile:  # every rank steps (collectives), rank 0 records
         import contextlib
@@ -185,6 +197,8 @@ def worker(args):
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
         "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4), "params": num_params,
     }
+    if each_ms:
+        result["each_ms"] = each_ms
     if phases:
         result["phases_ms"] = {k: round(sorted(v)[len(v) // 2] * 1e3, 1) for k, v in phases.items()}
     if rank == 0:
