@@ -51,9 +51,7 @@ class _EventWork:
 
 
 def _local_verdict(comm, device) -> Optional[str]:
-    """Why this rank cannot use copy engines, or None."""
-    if device.type != "cuda" or comm.world_size == 1:
-        return "not a multi-GPU CUDA group"
+    """Why this rank of a multi-GPU CUDA group cannot use copy engines, or None."""
     if dist.get_backend(comm.group) != "nccl":
         return "backend is not nccl"
     local = os.environ.get("LOCAL_WORLD_SIZE")
@@ -68,9 +66,9 @@ def _local_verdict(comm, device) -> Optional[str]:
 
 def copy_engines_usable(comm, device) -> bool:
     """Whether every rank of `comm` can use copy-engine collectives (collective on multi-GPU CUDA groups)."""
-    reason = _local_verdict(comm, device)
     if device.type != "cuda" or comm.world_size == 1:
         return False
+    reason = _local_verdict(comm, device)
     ok = torch.tensor([0 if reason else 1], device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=comm.group)
     if not int(ok.item()):

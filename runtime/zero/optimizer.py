@@ -161,16 +161,14 @@ class ZeroOptimizer:
 
     def global_grad_norm_sq(self) -> torch.Tensor:
         """Sum of squares of the (still loss-scaled) gradients over all ranks' partitions, fp32."""
-        grads = [g for g in self.reducer.grads if g.numel()]
-        device = self.flat.device
         parts = self.reducer.norm_parts  # [Note: norms during backward] in reducer.py
+        grads = [g for g in self.reducer.grads if g.numel()]
         if parts is not None and len(parts) == len(self.reducer.grads):
             sq = torch.stack(parts).pow(2).sum()
         elif grads:
-            norms = torch._foreach_norm(grads)
-            sq = torch.stack(norms).float().pow(2).sum()
+            sq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum()
         else:
-            sq = torch.zeros((), dtype=torch.float32, device=device)
+            sq = torch.zeros((), dtype=torch.float32, device=self.flat.device)
         if self.sharded:
             dist.all_reduce(sq, group=self.comm.group)
         return sq
