@@ -36,9 +36,12 @@ from typing import Dict, List, Mapping, Optional
 
 from dsrun.errors import DsrunError, LaunchError
 from dsrun.launcher import procs
-from dsrun.launcher.failure import FailureReport, RankFailure, default_log_dir, exit_code_for
+from dsrun.launcher.failure import (FailureReport, RankFailure, default_log_dir, error_file_path, exit_code_for,
+                                    read_error_file)
 from dsrun.launcher.output import ConsoleWriter, RankStream, new_tail, print_failure
 from dsrun.launcher.spec import AgentSpec, WorkerOptions
+
+ERROR_FILE_ENV = "DSRUN_ERROR_FILE"  # read by runtime/rank_errors.py (which must not import the launcher)
 
 __all__ = ["NodeAgent", "worker_env", "worker_argv", "pid_file_path", "main"]
 
@@ -157,6 +160,7 @@ class _Rank:
     pipes: Dict[int, tuple] = field(default_factory=dict)  # fd -> (RankStream, is_stderr, file object)
     tail: object = field(default_factory=new_tail)
     log_file: Optional[str] = None
+    error_file: Optional[str] = None  # where the rank records an uncaught exception (runtime/rank_errors.py)
     returncode: Optional[int] = None
 
     @property
@@ -321,6 +325,8 @@ class NodeAgent:
             if self._signals or self._lifeline_eof:
                 return
             r = _Rank(rank=first_rank + local_rank, local_rank=local_rank)
+            r.error_file = self._fresh_error_file(r.rank)
+            env[ERROR_FILE_ENV] = env["TORCHELASTIC_ERROR_FILE"] = r.error_file
             self.ranks.append(r)
             self._note(f"rank {r.rank}: {argv}", 10)
             self._spawn_one(sel, r, argv, env, stdin, preexec, stamp)
@@ -440,10 +446,11 @@ class NodeAgent:
     def _record_failure(self, r: _Rank, returncode: int) -> None:
         exitcode, signame = exit_code_for(returncode)
         tail = list(r.tail) if not r.log_file else _file_tail(r.log_file)
+        error = read_error_file(r.error_file) if r.error_file else None
         self.report.failures.append(RankFailure(
             rank=r.rank, local_rank=r.local_rank, host=self.host, pid=r.proc.pid if r.proc else -1,
             exitcode=exitcode, signal=signame, timestamp=time.time(), tail=tail, log_file=r.log_file,
-            restart_count=self.restart_count))
+            restart_count=self.restart_count, error=error, error_file=r.error_file if error else None))
 
     # ---------------------------------------------------------------- teardown
     def _teardown(self, sel, sig: Optional[int]) -> None:
@@ -526,8 +533,17 @@ class NodeAgent:
         fileobj.close()
 
     # ---------------------------------------------------------------- report
+    def _record_dir(self) -> str:
+        """The one folder for this job's failure record and the ranks' error files."""
+        return self.worker.log_dir or self.worker.each_rank_log_dir or default_log_dir(self.spec.job_id)
+
+    def _fresh_error_file(self, rank: int) -> str:
+        path = error_file_path(self._record_dir(), rank)
+        _unlink(path)  # an earlier attempt's record must not be read as this one's
+        return path
+
     def _finish_report(self) -> None:
-        directory = self.worker.log_dir or self.worker.each_rank_log_dir or default_log_dir(self.spec.job_id)
+        directory = self._record_dir()
         try:
             self.record_path = self.report.write(directory)
         except OSError as e:

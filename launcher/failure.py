@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 from dsrun.launcher.procs import signal_name
 
 __all__ = ["RankFailure", "FailureReport", "exit_code_for", "FAILURE_MARKER", "parse_marker_line",
-           "default_log_dir"]
+           "default_log_dir", "read_error_file", "error_file_path"]
 
 FAILURE_MARKER = "@@dsrun-failure@@"
 
@@ -56,6 +56,9 @@ class RankFailure:
     tail: List[str] = field(default_factory=list)
     log_file: Optional[str] = None
     restart_count: int = 0
+    error: Optional[str] = None  # the rank's own error message, from its error file
+    error_file: Optional[str] = None  # that file: the full traceback is there
+
 
     @property
     def time(self) -> str:
@@ -123,6 +126,30 @@ class FailureReport:
 
     def marker_line(self) -> str:
         return f"{FAILURE_MARKER} {self.to_json()}"
+
+
+def error_file_path(directory: str, rank: int) -> str:
+    """The error file a rank writes when an uncaught exception ends it (runtime/rank_errors.py)."""
+    return os.path.join(directory, f"rank{rank}.error.json")
+
+
+def read_error_file(path: str) -> Optional[str]:
+    """The one-paragraph message in a rank's error file (dsrun's or torchelastic's `@record` layout), or None
+    when the file is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    ours = data.get("dsrun")
+    if isinstance(ours, dict) and isinstance(ours.get("message"), str):
+        return ours["message"]
+    message = data.get("message")
+    if isinstance(message, dict):
+        message = message.get("message")
+    return message if isinstance(message, str) else None
 
 
 def parse_marker_line(line: str) -> Optional[dict]:

@@ -109,6 +109,14 @@ def _describe(f: RankFailure) -> str:
     return f"rank {f.rank} (local_rank {f.local_rank}) on {f.host}, pid {f.pid}: {how} at {f.time}"
 
 
+def _tail_repeats(f: RankFailure) -> bool:
+    """True when the rank's last lines only repeat its error message (a dsrun user error prints one line)."""
+    if not f.error:
+        return False
+    first = f.error.splitlines()[0] if f.error.strip() else f.error
+    return any(first in line for line in f.tail) and len(f.tail) <= len(f.error.splitlines()) + 1
+
+
 def render_failure(report: FailureReport, record_path: Optional[str] = None) -> str:
     """The failure summary as plain text, root cause first (torchrun's table, made shorter)."""
     ordered = report.ordered()
@@ -116,14 +124,18 @@ def render_failure(report: FailureReport, record_path: Optional[str] = None) -> 
     if ordered:
         root = ordered[0]
         lines.append(f"Root cause (first failure): {_describe(root)}")
+        if root.error:
+            lines.extend(f"  {line}" for line in root.error.splitlines())
+        if root.error_file:
+            lines.append(f"  error file (traceback): {root.error_file}")
         if root.hint:
             lines.append(f"  hint: {root.hint}")
         if root.log_file:
             lines.append(f"  log: {root.log_file}")
-        if root.tail:
+        if root.tail and not _tail_repeats(root):
             lines.append(f"  last {len(root.tail)} lines of rank {root.rank}:")
             lines.extend(f"    {line}" for line in root.tail)
-        else:
+        elif not root.tail:
             lines.append(f"  (rank {root.rank} printed nothing)")
         if len(ordered) > 1:
             lines.append("Other failed ranks:")

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, Optional, Tuple
 
 from dsrun.errors import ConfigError, DsrunError
 
 __all__ = ["initialize", "add_config_arguments", "install_excepthook"]
+
+from .rank_errors import install_excepthook  # noqa: E402  (re-exported: the hook lives with the error files)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -20,35 +21,6 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     group.add_argument("--deepscale", default=False, action="store_true", help=argparse.SUPPRESS)
     group.add_argument("--deepscale_config", default=None, type=str, help=argparse.SUPPRESS)
     return parser
-
-
-def _excepthook(previous):
-    def hook(exc_type, exc, tb):
-        if isinstance(exc, DsrunError):
-            rank = _rank_prefix()
-            first = exc.render()
-            sys.stderr.write(f"dsrun: error{rank}: {first}\n")
-            sys.stderr.flush()
-            import os
-            os._exit(exc.exit_code)  # sys.exit inside an excepthook would not change the exit status
-        previous(exc_type, exc, tb)
-    hook._dsrun = True
-    return hook
-
-
-def _rank_prefix() -> str:
-    try:
-        import torch.distributed as dist
-        return f" (rank {dist.get_rank()})" if dist.is_initialized() else ""
-    except Exception:  # printing an error must never raise another one
-        return ""
-
-
-def install_excepthook() -> None:
-    """Make an uncaught DsrunError print one clean line and exit with its exit code; defer every other
-    exception to the hook that was installed before. Idempotent."""
-    if not getattr(sys.excepthook, "_dsrun", False):
-        sys.excepthook = _excepthook(sys.excepthook)
 
 
 def _config_source(args, config, config_params):

@@ -1,0 +1,56 @@
+"""Errors raised inside ranks reach the terminal and failure.json (issue 10, defect 2).
+
+torch's `init_process_group` wraps `sys.excepthook` and buffers stderr around the previous hook, so these
+tests always start a process group first: each one is a real `dsrun --num_gpus 2` job.
+"""
+import json
+
+from tests.trust._job import CONFIG, failure_record, run_job
+
+INIT = """
+engine, *_ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters())
+"""
+
+
+def test_bad_config_is_printed_and_recorded(tmp_path):
+    bad = dict(CONFIG, zero_optimization={"stage": 1, "offload_optimizer": {"devcie": "cpu"}})
+    proc = run_job(tmp_path, INIT, config=bad)
+    assert proc.returncode == 2, proc.stderr
+    wanted = "zero_optimization.offload_optimizer.devcie: unknown key 'devcie' (did you mean 'device'?)"
+    # Every rank prints its own line on the real stderr, and the panel repeats the root cause's.
+    assert proc.stderr.count(wanted) >= 3, proc.stderr
+    assert "Traceback" not in proc.stderr
+    root = failure_record(tmp_path)["root_cause"]
+    assert wanted in root["error"] and root["exitcode"] == 2
+    with open(root["error_file"]) as f:
+        record = json.load(f)
+    assert record["dsrun"]["type"] == "ConfigError" and record["dsrun"]["exit_code"] == 2
+
+
+def test_missing_checkpoint_tag_names_the_folder(tmp_path):
+    body = INIT + """
+engine.save_checkpoint(os.path.join(os.getcwd(), "ckpt"), tag="step1")
+engine.load_checkpoint(os.path.join(os.getcwd(), "ckpt"), tag="nope")
+"""
+    proc = run_job(tmp_path, body)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    root = failure_record(tmp_path)["root_cause"]
+    assert "nope" in root["error"] and "ckpt" in root["error"], root
+    assert root["error"].splitlines()[0] in proc.stderr
+
+
+def test_other_exceptions_keep_their_traceback_and_are_recorded(tmp_path):
+    body = INIT + """
+if engine.global_rank == 1:
+    raise RuntimeError("boom in rank one")
+torch.distributed.barrier()
+"""
+    proc = run_job(tmp_path, body)
+    assert proc.returncode == 1, proc.stderr
+    assert "RuntimeError: boom in rank one" in proc.stderr and "Traceback" in proc.stderr
+    root = failure_record(tmp_path)["root_cause"]
+    assert root["rank"] == 1 and root["error"] == "RuntimeError: boom in rank one"
+    with open(root["error_file"]) as f:
+        stack = json.load(f)["message"]["extraInfo"]["py_callstack"]
+    assert "raise RuntimeError" in stack
