@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 import torch
 
-from dsrun.runtime.checkpoint import layout
+from dsrun.runtime.checkpoint import integrity, layout
 from dsrun.runtime.checkpoint.errors import CheckpointError
 from dsrun.runtime.checkpoint.shard_io import ShardReader
 
@@ -36,11 +36,11 @@ def _tag_dir(checkpoint_dir, tag):
 
 def iter_fp32_tensors(checkpoint_dir, tag=None, exclude_frozen_parameters=False):
     """Yield `(name, tensor)` in state-dict order: fp32 master weights for parameters (frozen ones too,
-    unless excluded), buffers as saved, tied aliases as the same tensor object as their source."""
+    unless excluded), buffers as saved, tied aliases as the same tensor object as their source. Every file
+    read is checked against the manifest's checksums first; damage raises CheckpointError naming the file."""
     tag_dir = _tag_dir(checkpoint_dir, tag)
     manifest = layout.read_manifest(tag_dir)
-    states = torch.load(os.path.join(tag_dir, layout.MODEL_STATES), map_location="cpu", mmap=True,
-                        weights_only=False)
+    states = integrity.load_torch_file(tag_dir, layout.MODEL_STATES, manifest, weights_only=False)
     module_state = states["module"]
     aliases = states.get("shared_params", {})
     params = manifest["params"]
