@@ -319,7 +319,7 @@ def _load_module(engine, states, manifest, strict, custom_load_fn, topo_note):
 
 def _open_checkpoint(engine, load_dir, tag):
     """Find the tag folder, read its manifest, verify and open the model states and the shard files this
-    rank's parameter ranges need. Returns `(tag_dir, manifest, states, reader, live shards)`, or None (with
+    rank's parameter ranges need. Returns `(tag_dir, manifest, states, reader)`, or None (with
     a warning) when no tag is given and there is no `latest` file. Errors are CheckpointErrors naming the
     file or tag."""
     if tag is None:
@@ -336,13 +336,12 @@ def _open_checkpoint(engine, load_dir, tag):
         raise CheckpointError("not a dsrun model-states file (no 'module' or 'scalar_state')",
                               where=os.path.join(tag_dir, layout.MODEL_STATES))
     reader = ShardReader(tag_dir, manifest)
-    live = {s.name: s for s in engine.checkpoint_shards()}
     try:
-        reader.open_files(reader.files_for({name: (s.start, s.end) for name, s in live.items()}))
+        reader.open_files(reader.files_for({s.name: (s.start, s.end) for s in engine.checkpoint_shards()}))
     except BaseException:
         reader.close()
         raise
-    return tag_dir, manifest, states, reader, live
+    return tag_dir, manifest, states, reader
 
 
 def load(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
@@ -364,7 +363,7 @@ def load(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_sta
     comm.raise_if_any(error, f"loading the checkpoint in {load_dir}")
     if opened is None:
         return None, None
-    tag_dir, manifest, states, reader, live = opened
+    tag_dir, manifest, states, reader = opened
     states_path = os.path.join(tag_dir, layout.MODEL_STATES)
     saved_topo = manifest.get("topology", {})
     topo_note = f"saved with {_describe(saved_topo)}; now {_describe(_topology(engine, comm))}"
@@ -372,10 +371,11 @@ def load(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_sta
         logger.warning("checkpoint %s was saved in the middle of a gradient accumulation window; the partial "
                        "gradients were not saved and accumulation restarts at the next micro-batch", tag_dir)
 
-    _load_module(engine, states, manifest, load_module_strict, custom_load_fn, topo_note)
     restore_optimizer = load_optimizer_states and not load_module_only
-    read = _EngineRead(reader, live, states["module"], restore_optimizer, topo_note)
     try:
+        _load_module(engine, states, manifest, load_module_strict, custom_load_fn, topo_note)
+        live = {s.name: s for s in engine.checkpoint_shards()}  # after the module load: frozen values are current
+        read = _EngineRead(reader, live, states["module"], restore_optimizer, topo_note)
         engine.load_checkpoint_shards(read, load_optimizer_states=restore_optimizer)
     finally:
         reader.close()
