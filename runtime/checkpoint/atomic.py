@@ -67,12 +67,11 @@ def torch_save_synced(obj, path: str) -> dict:
     """`torch.save` then fsync, so the bytes are on disk before the folder is published.
 
     Returns the file's manifest record (`bytes`, `digest`; [Note: checkpoint checksums] in integrity.py),
-    hashed as the bytes stream out. On failure the partial file is removed; an I/O error (ENOSPC, EFBIG)
+    checksummed as the bytes stream out. On failure the partial file is removed; an I/O error (ENOSPC, EFBIG)
     becomes a CheckpointError naming `path`, anything else is re-raised."""
     writer = None
     try:
-        with open(path, "wb") as f:
-            writer = HashingWriter(f)
+        with open(path, "wb") as f, HashingWriter(f) as writer:
             torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
@@ -84,7 +83,7 @@ def torch_save_synced(obj, path: str) -> dict:
             raise _write_error(path, io_error) from err
         raise
     record = writer.record()
-    # The hash covers the stream torch wrote; it is the file only if torch never seeked back.
+    # The checksum covers the stream torch wrote; it is the file only if torch never seeked back.
     assert size == record["bytes"], f"{path}: wrote {record['bytes']} bytes but the file has {size}"
     return record
 

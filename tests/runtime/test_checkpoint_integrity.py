@@ -3,6 +3,7 @@ errors naming the file for corrupt, truncated, empty and missing files, damaged 
 tags, `latest` confined to its folder, partial save folders removed on failure and stale ones by the next
 save; then the same damage through the real launcher (`dsrun --num_gpus 2`, gloo ranks) and the real
 `dsrun-to-fp32` entry point."""
+import hashlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from dsrun.errors import DsrunError
-from dsrun.runtime.checkpoint import CheckpointError, engine_io, integrity, layout, to_fp32
+from dsrun.runtime.checkpoint import CheckpointError, engine_io, integrity, to_fp32
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _dist import run_ranks  # noqa: E402
@@ -62,10 +63,31 @@ def test_manifest_records_a_checksum_of_every_file(tmp_path):
     _saved(tmp_path)
     manifest = json.loads((tmp_path / "t" / "checkpoint.json").read_text())
     checksums = manifest["checksums"]
-    assert checksums["algorithm"] == "sha256"
+    assert checksums["algorithm"] == "crc32"
     assert sorted(checksums["files"]) == sorted(manifest["files"]) == [STATES, SHARD]
     for name, record in checksums["files"].items():
         assert record == integrity.file_record(str(tmp_path / "t" / name)), name  # hashed while writing
+
+
+def test_checksum_of_large_blocks_written_beside_the_write(tmp_path):
+    from dsrun.runtime.checkpoint.atomic import torch_save_synced
+    path = str(tmp_path / "big.pt")
+    record = torch_save_synced({"w": torch.randn(1 << 20), "small": torch.arange(3)}, path)  # a 4 MiB block
+    assert record == integrity.file_record(path) and record["bytes"] > 4 << 20
+
+
+def test_other_recorded_algorithms_are_verified_too(tmp_path):
+    _saved(tmp_path)
+    manifest_path = tmp_path / "t" / "checkpoint.json"
+    manifest = json.loads(manifest_path.read_text())
+    files = {name: {"bytes": os.path.getsize(tmp_path / "t" / name),
+                    "digest": hashlib.sha256((tmp_path / "t" / name).read_bytes()).hexdigest()}
+             for name in manifest["files"]}
+    manifest["checksums"] = {"algorithm": "sha256", "files": files}
+    manifest_path.write_text(json.dumps(manifest))
+    engine_io.load(_engine(seed=3), tmp_path)
+    flip_bytes(tmp_path / "t" / SHARD)
+    assert "corrupt: sha256 checksum mismatch" in _load_error(tmp_path)
 
 
 @pytest.mark.parametrize("name", [SHARD, STATES])
@@ -73,7 +95,7 @@ def test_flipped_bytes_are_a_checksum_mismatch_naming_the_file(tmp_path, name):
     _saved(tmp_path)
     flip_bytes(tmp_path / "t" / name)
     message = _load_error(tmp_path)
-    assert str(tmp_path / "t" / name) in message and "corrupt: sha256 checksum mismatch" in message
+    assert str(tmp_path / "t" / name) in message and "corrupt: crc32 checksum mismatch" in message
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         to_fp32.get_fp32_state_dict_from_zero_checkpoint(tmp_path)
 
@@ -348,5 +370,5 @@ def test_dsrun_to_fp32_refuses_a_corrupt_checkpoint(damaged_runs):
     cmd = [sys.executable, "-m", "dsrun.runtime.checkpoint.to_fp32", str(tmp / "ckpt-flip"), str(tmp / "out.bin")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
     assert done.returncode == 1
-    assert done.stderr.startswith(f"dsrun-to-fp32: {path}: checkpoint file is corrupt: sha256 checksum mismatch")
+    assert done.stderr.startswith(f"dsrun-to-fp32: {path}: checkpoint file is corrupt: crc32 checksum mismatch")
     assert "Traceback" not in done.stderr and not (tmp / "out.bin").exists()
