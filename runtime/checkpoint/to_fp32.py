@@ -15,6 +15,7 @@ from collections import OrderedDict
 import torch
 
 from dsrun.runtime.checkpoint import integrity, layout
+from dsrun.runtime.checkpoint.atomic import torch_save_synced
 from dsrun.runtime.checkpoint.errors import CheckpointError
 from dsrun.runtime.checkpoint.shard_io import ShardReader
 
@@ -91,7 +92,7 @@ def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file, tag=
     parent = os.path.dirname(os.path.abspath(output_file))
     os.makedirs(parent, exist_ok=True)
     tmp = f"{output_file}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
+    torch_save_synced(state, tmp)  # removes its partial file and names it if the write fails
     os.replace(tmp, output_file)
     return output_file
 
