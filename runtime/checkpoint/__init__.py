@@ -9,7 +9,8 @@ save_dir/
     mp_rank_00_model_states.pt    rank 0: module state dict (working dtype, buffers included) + metadata
     zero_shard_rank{r}.pt         rank r: the element ranges it owns of every parameter's fp32 master
                                   weights and per-element optimizer states
-  <tag>.tmp-<token>/              a save in progress (or a crashed one; removed by the next save of <tag>)
+  <tag>.tmp-<token>/              a save in progress (removed if it fails; a crashed one by the next save)
+  <tag>.old-<token>/              the previous <tag> while a save replaces it (see atomic.py)
 ```
 Shard file: `{"format_version", "rank", "world_size", "entries": {param name: [{"start", "end", "master":
 1-D fp32 tensor, "optim": {state name: 1-D tensor}}]}}`. Ranges index the parameter flattened row-major,
@@ -27,7 +28,9 @@ Model-states file (rank 0, torch.save): `module`, `buffer_names`, `param_shapes`
 Manifest `checkpoint.json`: `format` ("dsrun-checkpoint"), `format_version`, `tag`, `dsrun_version`,
 `topology`, `params` (name -> shape, dtype, numel, frozen), `param_order`, `excluded_frozen_parameters`,
 `mid_accumulation`, `shards` (file -> name -> [[start, end], ...]), `files` (every file the folder must
-hold; checked on load), `optim_keys`.
+hold; checked on load), `optim_keys`, `checksums` (`algorithm` and, per file, `bytes` and `digest`; each rank
+verifies the files it reads: [Note: checkpoint checksums] in integrity.py; absent in checkpoints written
+before it existed, which load unverified).
 
 Atomicity: [Note: atomic checkpoint publish] in atomic.py. Loading: `engine_io.load` restores the module
 state dict, then hands the engine a `read(name, key, start, end)` served from the shard files. The

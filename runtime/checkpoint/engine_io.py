@@ -9,7 +9,6 @@ collective: every rank calls them.
 """
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import shutil
@@ -17,45 +16,15 @@ import uuid
 
 import torch
 
-from dsrun.runtime.checkpoint import layout
+from dsrun.runtime.checkpoint import integrity, layout
 from dsrun.runtime.checkpoint.atomic import fsync_dir, publish_dir, torch_save_synced
+from dsrun.runtime.checkpoint.comm import Comm
 from dsrun.runtime.checkpoint.errors import CheckpointArgumentError, CheckpointError
 from dsrun.runtime.checkpoint.shard_io import ShardReader, check_coverage, plan_ownership, shard_payload
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["save", "load", "save_16bit_model"]
-
-class _Comm:
-    """The few collectives a save/load needs, over the default process group (or none at one rank)."""
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist = dist if dist.is_available() and dist.is_initialized() else None
-        self.rank = self.dist.get_rank() if self.dist else 0
-        self.world_size = self.dist.get_world_size() if self.dist else 1
-
-    def all_gather(self, obj):
-        if self.dist is None:
-            return [obj]
-        out = [None] * self.world_size
-        self.dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self):
-        if self.dist is not None:
-            self.dist.barrier()
-
-    def raise_if_any(self, error, what):
-        """All ranks raise together if any rank failed (no rank is left waiting in a collective)."""
-        errors = self.all_gather(None if error is None else f"{type(error).__name__}: {error}")
-        failed = [(r, e) for r, e in enumerate(errors) if e is not None]
-        if failed:
-            detail = "; ".join(f"rank {r}: {e}" for r, e in failed)
-            if error is not None and len(failed) == 1 and failed[0][0] == self.rank:
-                raise CheckpointError(f"{what} failed on rank {self.rank}: {error}") from error
-            raise CheckpointError(f"{what} failed on {len(failed)} rank(s): {detail}")
 
 
 # --- engine accessors: the one place that knows attribute names -------------------------------------
@@ -141,7 +110,7 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True, exclud
     if save_dir is None or str(save_dir) == "":
         raise CheckpointArgumentError("save_dir must be a non-empty path", where="save_checkpoint(save_dir)")
     save_dir = os.fspath(save_dir)
-    comm = _Comm()
+    comm = Comm()
     tag = layout.validate_tag(layout.default_tag(engine.global_steps) if tag is None else tag)
     tag = _agree_on_tag(comm, tag, _tag_validation_mode(engine))
 
@@ -164,27 +133,36 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True, exclud
     if comm.rank == 0:
         try:
             os.makedirs(save_dir, exist_ok=True)
-            for stale in glob.glob(glob.escape(os.path.join(save_dir, tag)) + layout.TMP_MARK + "*"):
-                shutil.rmtree(stale, ignore_errors=True)  # an earlier crashed save of this tag
+            # Folders of earlier crashed or failed saves (any tag). Safe here: this save's other ranks
+            # write nothing before the collective below, and its own temp folder does not exist yet.
+            layout.remove_stale(save_dir)
             os.makedirs(tmp_dir)
         except OSError as err:
             error = err
     comm.raise_if_any(error, f"creating {tmp_dir}")
 
     mine = plan[comm.rank]
+    record = None
     try:
         if mine:
             payload = {"format_version": layout.FORMAT_VERSION, "rank": comm.rank, "world_size": comm.world_size,
                        "entries": shard_payload(shards, mine)}
-            torch_save_synced(payload, os.path.join(tmp_dir, layout.shard_file(comm.rank)))
+            record = torch_save_synced(payload, os.path.join(tmp_dir, layout.shard_file(comm.rank)))
     except Exception as err:  # reported on every rank below
         error = err
-    comm.raise_if_any(error, "writing shard files")
+    try:
+        records = comm.raise_if_any(error, "writing shard files", value=record)
+    except CheckpointError:
+        # Every rank has passed the collective, so none is still writing: remove the partial folder.
+        if comm.rank == 0:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    checksums = {layout.shard_file(r): rec for r, rec in enumerate(records) if rec is not None}
 
     if comm.rank == 0:
         try:
             _write_rank0_files(engine, comm, tmp_dir, tag, plan, meta, client_state, exclude_frozen_parameters,
-                               gathered)
+                               gathered, checksums)
             publish_dir(tmp_dir, final_dir, os.path.join(save_dir, f"{tag}{layout.OLD_MARK}{token}"))
             if save_latest:
                 layout.write_latest(save_dir, tag)
@@ -195,7 +173,7 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True, exclud
     return True
 
 
-def _write_rank0_files(engine, comm, tmp_dir, tag, plan, meta, client_state, exclude_frozen, gathered):
+def _write_rank0_files(engine, comm, tmp_dir, tag, plan, meta, client_state, exclude_frozen, gathered, checksums):
     frozen_names = {name for name, info in meta.items() if info["frozen"]}
     excluded = set()
     if exclude_frozen:
@@ -227,7 +205,8 @@ def _write_rank0_files(engine, comm, tmp_dir, tag, plan, meta, client_state, exc
         "ds_version": "0.19.6",  # the DeepSpeed behaviour this format mirrors
         "dsrun_version": _dsrun_version(),
     }
-    torch_save_synced(states, os.path.join(tmp_dir, layout.MODEL_STATES))
+    checksums = dict(checksums)
+    checksums[layout.MODEL_STATES] = torch_save_synced(states, os.path.join(tmp_dir, layout.MODEL_STATES))
     shard_files = {layout.shard_file(r): {name: [list(x) for x in ranges] for name, ranges in owned.items()}
                    for r, owned in enumerate(plan) if owned}
     optim_keys = sorted({k for g in gathered for k in g["optim_keys"]})
@@ -244,6 +223,7 @@ def _write_rank0_files(engine, comm, tmp_dir, tag, plan, meta, client_state, exc
         "shards": shard_files,
         "files": [layout.MODEL_STATES] + sorted(shard_files),
         "optim_keys": optim_keys,
+        "checksums": {"algorithm": integrity.ALGORITHM, "files": checksums},
     }
     layout.write_manifest(tmp_dir, manifest)
     fsync_dir(tmp_dir)
@@ -306,10 +286,10 @@ class _EngineRead:
         if shard is not None and tuple(info["shape"]) != tuple(shard.shape):
             raise CheckpointError(f"parameter {name!r} has shape {tuple(shard.shape)} but was saved as "
                                   f"{tuple(info['shape'])} ({self.topo_note})")
-        if key == "master" and not self.reader.has(name, "master"):
+        if key == "master" and not self.reader.has(name, "master", start, end):
             flat = self.module_state[name].reshape(-1)[start:end]
             return flat.to(torch.float32)
-        if key != "master" and not self.reader.has(name, key):
+        if key != "master" and not self.reader.has(name, key, start, end):
             # Saved before the optimizer created this state (e.g. right after init): fresh state is zeros.
             like = shard.optim.get(key) if shard is not None else None
             dtype = like.dtype if like is not None else torch.float32
@@ -337,6 +317,33 @@ def _load_module(engine, states, manifest, strict, custom_load_fn, topo_note):
                               "the matching entries only")
 
 
+def _open_checkpoint(engine, load_dir, tag):
+    """Find the tag folder, read its manifest, verify and open the model states and the shard files this
+    rank's parameter ranges need. Returns `(tag_dir, manifest, states, reader)`, or None (with
+    a warning) when no tag is given and there is no `latest` file. Errors are CheckpointErrors naming the
+    file or tag."""
+    if tag is None:
+        tag = layout.read_latest(load_dir)
+        if tag is None:
+            logger.warning("no 'latest' file in %s and no tag given: nothing loaded", load_dir)
+            return None
+    else:
+        tag = layout.validate_tag(tag, where="load_checkpoint(tag)")
+    tag_dir = layout.resolve_tag_dir(load_dir, tag)
+    manifest = layout.read_manifest(tag_dir)
+    states = integrity.load_torch_file(tag_dir, layout.MODEL_STATES, manifest, weights_only=False)
+    if not isinstance(states, dict) or not {"module", "scalar_state"} <= set(states):
+        raise CheckpointError("not a dsrun model-states file (no 'module' or 'scalar_state')",
+                              where=os.path.join(tag_dir, layout.MODEL_STATES))
+    reader = ShardReader(tag_dir, manifest)
+    try:
+        reader.open_files(reader.files_for({s.name: (s.start, s.end) for s in engine.checkpoint_shards()}))
+    except BaseException:
+        reader.close()
+        raise
+    return tag_dir, manifest, states, reader
+
+
 def load(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
          load_lr_scheduler_states=True, load_module_only=False, custom_load_fn=None):
     """Restore `engine` from `load_dir/<tag>` (collective), at any world size and ZeRO stage.
@@ -347,28 +354,28 @@ def load(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_sta
     if load_dir is None or str(load_dir) == "":
         raise CheckpointArgumentError("load_dir must be a non-empty path", where="load_checkpoint(load_dir)")
     load_dir = os.fspath(load_dir)
-    comm = _Comm()
-    if tag is None:
-        tag = layout.read_latest(load_dir)
-        if tag is None:
-            logger.warning("no 'latest' file in %s and no tag given: nothing loaded", load_dir)
-            return None, None
-    tag_dir = layout.resolve_tag_dir(load_dir, str(tag))
-    manifest = layout.read_manifest(tag_dir)
+    comm = Comm()
+    opened, error = None, None
+    try:
+        opened = _open_checkpoint(engine, load_dir, tag)
+    except Exception as err:  # every rank learns of it below, so none waits in a later collective
+        error = err
+    comm.raise_if_any(error, f"loading the checkpoint in {load_dir}")
+    if opened is None:
+        return None, None
+    tag_dir, manifest, states, reader = opened
     states_path = os.path.join(tag_dir, layout.MODEL_STATES)
-    states = torch.load(states_path, map_location="cpu", mmap=True, weights_only=False)
     saved_topo = manifest.get("topology", {})
     topo_note = f"saved with {_describe(saved_topo)}; now {_describe(_topology(engine, comm))}"
     if manifest.get("mid_accumulation") and comm.rank == 0:
         logger.warning("checkpoint %s was saved in the middle of a gradient accumulation window; the partial "
                        "gradients were not saved and accumulation restarts at the next micro-batch", tag_dir)
 
-    _load_module(engine, states, manifest, load_module_strict, custom_load_fn, topo_note)
     restore_optimizer = load_optimizer_states and not load_module_only
-    reader = ShardReader(tag_dir, manifest)
-    live = {s.name: s for s in engine.checkpoint_shards()}
-    read = _EngineRead(reader, live, states["module"], restore_optimizer, topo_note)
     try:
+        _load_module(engine, states, manifest, load_module_strict, custom_load_fn, topo_note)
+        live = {s.name: s for s in engine.checkpoint_shards()}  # after the module load: frozen values are current
+        read = _EngineRead(reader, live, states["module"], restore_optimizer, topo_note)
         engine.load_checkpoint_shards(read, load_optimizer_states=restore_optimizer)
     finally:
         reader.close()
@@ -403,7 +410,7 @@ def save_16bit_model(engine, save_dir, save_filename="pytorch_model.bin", exclud
     replace). Collective when the engine must gather parameters. Returns True."""
     if save_dir is None or str(save_dir) == "":
         raise CheckpointArgumentError("save_dir must be a non-empty path", where="save_16bit_model(save_dir)")
-    comm = _Comm()
+    comm = Comm()
     gather = getattr(engine, "consolidated_16bit_state_dict", None)
     state = gather() if callable(gather) else None
     error = None

@@ -15,6 +15,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from dsrun.runtime.checkpoint.errors import CheckpointError
+from dsrun.runtime.checkpoint.integrity import load_torch_file
 
 __all__ = ["plan_ownership", "check_coverage", "shard_payload", "ShardReader"]
 
@@ -97,7 +98,9 @@ class ShardReader:
     """Serves `read(name, key, start, end)` from the shard files of one checkpoint folder.
 
     Files are opened lazily with `torch.load(mmap=True)`, so reading a range touches only the pages of the
-    pieces that overlap it; the result is a new 1-D tensor of `end - start` elements.
+    pieces that overlap it; the result is a new 1-D tensor of `end - start` elements. Each file is checked
+    against the manifest's checksum when first opened ([Note: checkpoint checksums] in integrity.py), so
+    a rank verifies the files it reads and no others.
     """
 
     def __init__(self, tag_dir: str, manifest: dict):
@@ -114,25 +117,43 @@ class ShardReader:
 
     def _open(self, file: str) -> dict:
         if file not in self._files:
-            path = os.path.join(self.tag_dir, file)
-            self._files[file] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            payload = load_torch_file(self.tag_dir, file, self.manifest, weights_only=True)
+            if not isinstance(payload, dict) or not isinstance(payload.get("entries"), dict):
+                raise CheckpointError("not a dsrun shard file (no 'entries')", where=os.path.join(self.tag_dir, file))
+            self._files[file] = payload
         return self._files[file]
 
-    def keys(self, name: str) -> List[str]:
-        """The tensor keys saved for `name`: 'master' and the optimizer state names."""
+    def _pieces(self, name: str, start: int = 0, end=None) -> List[Tuple[int, int, str]]:
+        return [(s, e, f) for s, e, f in self._index.get(name, []) if e > start and (end is None or s < end)]
+
+    def files_for(self, ranges: Dict[str, Range]) -> List[str]:
+        """The shard files holding any element of `ranges` (name -> (start, end)), sorted."""
+        return sorted({f for name, (start, end) in ranges.items() if end > start
+                       for _, _, f in self._pieces(name, start, end)})
+
+    def open_files(self, files: Sequence[str]) -> None:
+        """Verify and open `files` now (errors surface here, before anything is restored)."""
+        for file in files:
+            self._open(file)
+
+    def keys(self, name: str, start: int = 0, end=None) -> List[str]:
+        """The tensor keys saved for `name` ('master' and the optimizer state names), looking only at the
+        files holding elements `[start, end)` (default: all of them)."""
         keys = set()
-        for start, end, file in self._index.get(name, []):
-            for entry in self._open(file)["entries"][name]:
-                if "master" in entry:
-                    keys.add("master")
-                keys.update(entry["optim"])
+        for p_start, _, file in self._pieces(name, start, end):
+            entries = self._open(file)["entries"].get(name, [])
+            for entry in entries:
+                if entry.get("start") == p_start:
+                    if "master" in entry:
+                        keys.add("master")
+                    keys.update(entry.get("optim", {}))
         return sorted(keys)
 
-    def has(self, name: str, key: str = "master") -> bool:
-        return name in self._index and key in self.keys(name)
+    def has(self, name: str, key: str = "master", start: int = 0, end=None) -> bool:
+        return name in self._index and key in self.keys(name, start, end)
 
     def _piece(self, file, name, start, key):
-        for entry in self._open(file)["entries"][name]:
+        for entry in self._open(file)["entries"].get(name, []):
             if entry["start"] == start:
                 value = entry.get("master") if key == "master" else entry["optim"].get(key)
                 if value is None:

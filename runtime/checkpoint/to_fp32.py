@@ -14,7 +14,8 @@ from collections import OrderedDict
 
 import torch
 
-from dsrun.runtime.checkpoint import layout
+from dsrun.runtime.checkpoint import integrity, layout
+from dsrun.runtime.checkpoint.atomic import torch_save_synced
 from dsrun.runtime.checkpoint.errors import CheckpointError
 from dsrun.runtime.checkpoint.shard_io import ShardReader
 
@@ -36,11 +37,11 @@ def _tag_dir(checkpoint_dir, tag):
 
 def iter_fp32_tensors(checkpoint_dir, tag=None, exclude_frozen_parameters=False):
     """Yield `(name, tensor)` in state-dict order: fp32 master weights for parameters (frozen ones too,
-    unless excluded), buffers as saved, tied aliases as the same tensor object as their source."""
+    unless excluded), buffers as saved, tied aliases as the same tensor object as their source. Every file
+    read is checked against the manifest's checksums first; damage raises CheckpointError naming the file."""
     tag_dir = _tag_dir(checkpoint_dir, tag)
     manifest = layout.read_manifest(tag_dir)
-    states = torch.load(os.path.join(tag_dir, layout.MODEL_STATES), map_location="cpu", mmap=True,
-                        weights_only=False)
+    states = integrity.load_torch_file(tag_dir, layout.MODEL_STATES, manifest, weights_only=False)
     module_state = states["module"]
     aliases = states.get("shared_params", {})
     params = manifest["params"]
@@ -91,7 +92,7 @@ def convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file, tag=
     parent = os.path.dirname(os.path.abspath(output_file))
     os.makedirs(parent, exist_ok=True)
     tmp = f"{output_file}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
+    torch_save_synced(state, tmp)  # removes its partial file and names it if the write fails
     os.replace(tmp, output_file)
     return output_file
 

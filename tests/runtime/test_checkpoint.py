@@ -114,7 +114,7 @@ def test_explicit_tag_and_save_latest_false(tmp_path):
     engine_io.save(e, tmp_path, tag="second", save_latest=False)
     assert layout.read_latest(tmp_path) == "first"
     assert engine_io.load(_engine(), tmp_path, tag="second")[0].endswith("second/mp_rank_00_model_states.pt")
-    with pytest.raises(CheckpointError, match="not found"):
+    with pytest.raises(CheckpointError, match="no checkpoint tag .third. in .*; tags present: first, second"):
         engine_io.load(_engine(), tmp_path, tag="third")
     with pytest.raises(CheckpointError, match="invalid checkpoint tag"):
         engine_io.save(e, tmp_path, tag="a/b")
