@@ -4,12 +4,15 @@ One `NodeAgent` gets one `AgentSpec` (launcher/spec.py) and nothing else. `dsrun
 for local and `--no_ssh` jobs; multi-node transports run `python -u -m dsrun.launcher.agent --spec
 <AgentSpec.to_b64()> [--lifeline stdin]` on each node.
 
-Lifecycle of one attempt: install signal handlers (before anything is spawned), start the guardian
+Lifecycle of one attempt: install signal handlers (before anything is spawned), create the job cgroup
+where the system allows it (launcher/cgroup.py, [Note: job cgroup]), start the guardian
 (launcher/procs.py, [Note: no orphans]), spawn every local rank in its own session, then wait in one
 `select` over each rank's pidfd (exit seen within milliseconds), output pipes, a signal wake-up pipe
 and, for remote agents, the lifeline (stdin: EOF means the driver's connection dropped). The first
 failure, signal or lifeline EOF starts a teardown of all ranks at once with one shared grace period
-(`WorkerOptions.grace_period`), then SIGKILL for survivors. With `--max_restarts N` a failed group is
+(`WorkerOptions.grace_period`), then SIGKILL for survivors. The same teardown ends a job whose ranks
+all exited but left processes behind (a `setsid` daemon, a forgotten child): nothing the job started
+is left running after it. With `--max_restarts N` a failed group is
 restarted whole (torchrun semantics) with `DSRUN_RESTART_COUNT`/`TORCHELASTIC_RESTART_COUNT`
 incremented; a rank that could not even be spawned is not restarted (pytorch#60910).
 
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional
 
 from dsrun.errors import DsrunError, LaunchError
-from dsrun.launcher import procs
+from dsrun.launcher import cgroup, procs
 from dsrun.launcher.failure import FailureReport, RankFailure, default_log_dir, exit_code_for
 from dsrun.launcher.output import ConsoleWriter, RankStream, new_tail, print_failure
 from dsrun.launcher.spec import AgentSpec, WorkerOptions
@@ -45,6 +48,7 @@ __all__ = ["NodeAgent", "worker_env", "worker_argv", "pid_file_path", "main"]
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _POLL_S = 0.05  # only used where pidfds are missing, and to watch process groups during teardown
 _REAP_TIMEOUT_S = 5.0  # after SIGKILL; a rank still there is stuck in the kernel (D state)
+_SCAN_S = 0.5  # without a job cgroup: how often new process groups among the descendants reach the guardian
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
@@ -182,6 +186,10 @@ class NodeAgent:
         self._wake_r = self._wake_w = None
         self._old_handlers = {}
         self._guardian = procs.Guardian()
+        self._cgroup: Optional[cgroup.JobCgroup] = None
+        self._subreaper_was: Optional[bool] = None
+        self._own_children: set = set()  # children this process had before the job (never strays)
+        self._watched: set = set()  # process groups of descendants, handed to the guardian
         self._lifeline_eof = False
         self.restart_count = 0
         self.ranks: List[_Rank] = []
@@ -194,10 +202,10 @@ class NodeAgent:
         pid_file = self._write_pid_file() if self.worker.save_pid else None
         try:
             self._install_signal_handlers()
-            self._guardian.start()
+            self._start_supervision()
             code = self._attempts()
         finally:
-            self._guardian.close()
+            self._end_supervision()
             self._restore_signal_handlers()
             if pid_file:
                 _unlink(pid_file)
@@ -233,6 +241,26 @@ class NodeAgent:
         os.replace(tmp, path)  # atomic: a reader sees no file or the whole pid
         self._note(f"launcher pid: {os.getpid()} (pid file {path})", 10)
         return path
+
+    def _start_supervision(self) -> None:
+        """The job cgroup where the system allows it, else the subreaper; then the guardian."""
+        self._cgroup, why = cgroup.create_job_cgroup(self.spec.job_id, self.spec.node_rank, self._environ)
+        if self._cgroup is not None:
+            self._note(f"supervision: job cgroup {self._cgroup.path}", 10)
+        else:
+            self._note(f"supervision: process groups ({why})", 10)
+            self._own_children = set(procs.children(os.getpid()))
+            self._subreaper_was = procs.set_child_subreaper(True)
+        self._guardian.start(cgroup=self._cgroup.path if self._cgroup else None)
+
+    def _end_supervision(self) -> None:
+        if self._cgroup is not None:
+            self._cgroup.remove()  # empty after the teardown; this kills anything that raced it
+            self._cgroup = None
+        self._guardian.close()
+        if self._subreaper_was is not None:
+            procs.set_child_subreaper(self._subreaper_was)
+            self._subreaper_was = None
 
     def _install_signal_handlers(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
@@ -311,7 +339,7 @@ class NodeAgent:
         has_gpus = _node_has_gpus()
         first_rank = sum(len(s) for s in list(self.spec.world_info.values())[:self.spec.node_rank])
         stamp = time.strftime("%Y%m%d%H%M%S")
-        preexec = procs.preexec_tied_to(os.getpid())
+        preexec = procs.preexec_tied_to(os.getpid(), cgroup_procs=self._cgroup.procs_file if self._cgroup else None)
         stdin = subprocess.DEVNULL if self._lifeline_fd is not None else None
         # Every command first: a bad option raises before any rank exists.
         commands = [(worker_argv(self.worker, local_rank, self.local_size),
@@ -365,8 +393,14 @@ class NodeAgent:
         if self._spawn_failed() or self._signals or self._lifeline_eof:
             return self._stop_signal()
         polling = any(r.pidfd is None for r in self.ranks)
+        scanning = self._cgroup is None
+        timeout = _POLL_S if polling else _SCAN_S if scanning else None
+        next_scan = time.monotonic()
         while self._live():
-            for key, _ in sel.select(_POLL_S if polling else None):
+            if scanning and time.monotonic() >= next_scan:
+                self._watch_descendant_groups()
+                next_scan = time.monotonic() + _SCAN_S
+            for key, _ in sel.select(timeout):
                 self._dispatch(sel, key.data, during_teardown=False)
             if polling:
                 self._poll_exits(during_teardown=False)
@@ -445,22 +479,86 @@ class NodeAgent:
             exitcode=exitcode, signal=signame, timestamp=time.time(), tail=tail, log_file=r.log_file,
             restart_count=self.restart_count))
 
+    # ---------------------------------------------------------------- descendants outside the ranks' groups
+    def _adopted(self) -> List[int]:
+        """Orphans re-parented to this process as subreaper (no job cgroup)."""
+        mine = self._own_children | {r.proc.pid for r in self.ranks if r.proc is not None}
+        mine.add(self._guardian.pid)
+        return [pid for pid in procs.children(os.getpid()) if pid not in mine]
+
+    def _outside_rank_groups(self) -> List[int]:
+        """Descendants of the live ranks and adopted orphans that left the ranks' process groups."""
+        adopted = self._adopted()
+        rank_groups = {r.pgid for r in self.ranks if r.proc is not None}
+        found = []
+        for pid in adopted + procs.descendants([r.proc.pid for r in self._live()] + adopted):
+            try:
+                if os.getpgid(pid) not in rank_groups:
+                    found.append(pid)
+            except OSError:
+                continue
+        return found
+
+    def _watch_descendant_groups(self) -> None:
+        """Hand the guardian every process group a descendant moved into, and drop the emptied ones."""
+        for pid in self._outside_rank_groups():
+            try:
+                pgid = os.getpgid(pid)
+            except OSError:
+                continue
+            if pgid not in self._watched:
+                self._watched.add(pgid)
+                self._guardian.add(pgid)
+                self._note(f"watching process group {pgid} (pid {pid} left its rank's group)", 10)
+        for pgid in [g for g in self._watched if not procs.group_alive(g)]:
+            self._watched.discard(pgid)
+            self._guardian.remove(pgid)
+
+    def _strays(self) -> procs.Strays:
+        """What the teardown ends besides the ranks' groups; the job cgroup, when there is one, holds it all."""
+        return procs.Strays([] if self._cgroup is not None else self._outside_rank_groups())
+
+    def _tree_alive(self, groups: List[_Rank], strays: procs.Strays) -> bool:
+        if self._cgroup is not None and self._cgroup.populated():
+            return True
+        return any(procs.group_alive(r.pgid) for r in groups) or strays.alive()
+
+    def _signal_outside_groups(self, strays: procs.Strays, sig: int) -> None:
+        """`sig` to every process of the job outside the ranks' groups (those get it through killpg)."""
+        strays.signal(sig)
+        if self._cgroup is None:
+            return
+        rank_groups = {r.pgid for r in self.ranks if r.proc is not None}
+        for pid in self._cgroup.members():
+            try:
+                if os.getpgid(pid) not in rank_groups:
+                    os.kill(pid, sig)
+            except OSError:
+                continue
+
     # ---------------------------------------------------------------- teardown
     def _teardown(self, sel, sig: Optional[int]) -> None:
-        """Signal every rank's group at once, one shared grace period, then SIGKILL what is left."""
-        live = self._live()
+        """Signal every rank's group and every other process of the job at once, one shared grace
+        period, then SIGKILL what is left (the whole job cgroup where there is one)."""
         groups = [r for r in self.ranks if r.proc is not None]
-        if not any(procs.group_alive(r.pgid) for r in groups):
+        strays = self._strays()
+        try:
+            if self._tree_alive(groups, strays):
+                self._stop_tree(sel, sig, groups, strays)
+        finally:
+            strays.close()
             self._forget_groups(groups)
-            return
+
+    def _stop_tree(self, sel, sig: Optional[int], groups: List[_Rank], strays: procs.Strays) -> None:
+        live = self._live()
         sig = signal.SIGTERM if sig is None else sig
-        stray = procs.descendants(r.proc.pid for r in live) if live else []
         for r in groups:
             procs.signal_group(r.pgid, sig)
+        self._signal_outside_groups(strays, sig)
         deadline = time.monotonic() + self.worker.grace_period
         signals_seen = len(self._signals)
         while time.monotonic() < deadline:
-            if not self._live() and not any(procs.group_alive(r.pgid) for r in groups):
+            if not self._live() and not self._tree_alive(groups, strays):
                 break
             if len(self._signals) > signals_seen:
                 self._note("second signal: killing the ranks now")
@@ -472,17 +570,15 @@ class NodeAgent:
         for r in groups:
             if procs.signal_group(r.pgid, signal.SIGKILL) and r in live and r.returncode is None:
                 killed.add(r.rank)
-        for pid in stray:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        strays.signal(signal.SIGKILL)
+        if self._cgroup is not None and not self._cgroup.kill():
+            self._note(f"processes of job cgroup {self._cgroup.path} did not die after SIGKILL (D state?)", 40)
         for r in live:
             self.report.terminated.append({"rank": r.rank, "pid": r.proc.pid,
                                            "how": f"SIGKILL after {self.worker.grace_period:g}s grace"
                                            if r.rank in killed else procs.signal_name(sig)})
         self._reap_all(sel)
-        self._forget_groups(groups)
+        strays.reap()
 
     def _reap_all(self, sel) -> None:
         deadline = time.monotonic() + _REAP_TIMEOUT_S
@@ -497,11 +593,12 @@ class NodeAgent:
 
     def _forget_groups(self, groups: List[_Rank]) -> None:
         time_limit = time.monotonic() + 1.0  # SIGKILLed members vanish within milliseconds
-        for r in groups:
-            while procs.group_alive(r.pgid) and time.monotonic() < time_limit:
+        for pgid in [r.pgid for r in groups] + sorted(self._watched):
+            while procs.group_alive(pgid) and time.monotonic() < time_limit:
                 time.sleep(0.005)
-            if not procs.group_alive(r.pgid):
-                self._guardian.remove(r.pgid)
+            if not procs.group_alive(pgid):
+                self._guardian.remove(pgid)
+                self._watched.discard(pgid)
 
     def _close_rank_fds(self, sel) -> None:
         for r in self.ranks:
