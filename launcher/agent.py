@@ -4,17 +4,18 @@ One `NodeAgent` gets one `AgentSpec` (launcher/spec.py) and nothing else. `dsrun
 for local and `--no_ssh` jobs; multi-node transports run `python -u -m dsrun.launcher.agent --spec
 <AgentSpec.to_b64()> [--lifeline stdin]` on each node.
 
-Lifecycle of one attempt: install signal handlers (before anything is spawned), create the job cgroup
-where the system allows it (launcher/cgroup.py, [Note: job cgroup]), start the guardian
-(launcher/procs.py, [Note: no orphans]), spawn every local rank in its own session, then wait in one
-`select` over each rank's pidfd (exit seen within milliseconds), output pipes, a signal wake-up pipe
-and, for remote agents, the lifeline (stdin: EOF means the driver's connection dropped). The first
-failure, signal or lifeline EOF starts a teardown of all ranks at once with one shared grace period
-(`WorkerOptions.grace_period`), then SIGKILL for survivors. The same teardown ends a job whose ranks
+Lifecycle of one attempt: install signal handlers (before anything is spawned), start supervising the
+job's process tree (launcher/jobtree.py: a job cgroup where the system allows it, [Note: job cgroup],
+else process groups, [Note: no orphans]; both with a guardian that outlives the agent), spawn every
+local rank in its own session, then wait in one `select` over each rank's pidfd (exit seen within
+milliseconds), output pipes, a signal wake-up pipe and, for remote agents, the lifeline (stdin: EOF
+means the driver's connection dropped). The first failure, signal or lifeline EOF starts a teardown of
+all ranks at once with one shared grace period (`WorkerOptions.grace_period`), then SIGKILL for
+survivors. The same teardown ends a job whose ranks
 all exited but left processes behind (a `setsid` daemon, a forgotten child): nothing the job started
-is left running after it. With `--max_restarts N` a failed group is
-restarted whole (torchrun semantics) with `DSRUN_RESTART_COUNT`/`TORCHELASTIC_RESTART_COUNT`
-incremented; a rank that could not even be spawned is not restarted (pytorch#60910).
+is left running after it. With `--max_restarts N` a failed group is restarted whole (torchrun
+semantics) with `DSRUN_RESTART_COUNT`/`TORCHELASTIC_RESTART_COUNT` incremented; a rank that could not
+even be spawned is not restarted (pytorch#60910).
 
 Exit code: the root-cause rank's own code (128+N for death by signal N); a signal to the agent itself
 gives 128+signo unless a rank had already failed; lifeline EOF gives 129 (as SIGHUP).
@@ -38,8 +39,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional
 
 from dsrun.errors import DsrunError, LaunchError
-from dsrun.launcher import cgroup, procs
+from dsrun.launcher import procs
 from dsrun.launcher.failure import FailureReport, RankFailure, default_log_dir, exit_code_for
+from dsrun.launcher.jobtree import JobTree
 from dsrun.launcher.output import ConsoleWriter, RankStream, new_tail, print_failure
 from dsrun.launcher.spec import AgentSpec, WorkerOptions
 
@@ -185,11 +187,7 @@ class NodeAgent:
         self._signals: List[int] = []
         self._wake_r = self._wake_w = None
         self._old_handlers = {}
-        self._guardian = procs.Guardian()
-        self._cgroup: Optional[cgroup.JobCgroup] = None
-        self._subreaper_was: Optional[bool] = None
-        self._own_children: set = set()  # children this process had before the job (never strays)
-        self._watched: set = set()  # process groups of descendants, handed to the guardian
+        self._tree = JobTree(self._note)
         self._lifeline_eof = False
         self.restart_count = 0
         self.ranks: List[_Rank] = []
@@ -202,10 +200,10 @@ class NodeAgent:
         pid_file = self._write_pid_file() if self.worker.save_pid else None
         try:
             self._install_signal_handlers()
-            self._start_supervision()
+            self._tree.start(self.spec.job_id, self.spec.node_rank, self._environ)
             code = self._attempts()
         finally:
-            self._end_supervision()
+            self._tree.close()
             self._restore_signal_handlers()
             if pid_file:
                 _unlink(pid_file)
@@ -241,26 +239,6 @@ class NodeAgent:
         os.replace(tmp, path)  # atomic: a reader sees no file or the whole pid
         self._note(f"launcher pid: {os.getpid()} (pid file {path})", 10)
         return path
-
-    def _start_supervision(self) -> None:
-        """The job cgroup where the system allows it, else the subreaper; then the guardian."""
-        self._cgroup, why = cgroup.create_job_cgroup(self.spec.job_id, self.spec.node_rank, self._environ)
-        if self._cgroup is not None:
-            self._note(f"supervision: job cgroup {self._cgroup.path}", 10)
-        else:
-            self._note(f"supervision: process groups ({why})", 10)
-            self._own_children = set(procs.children(os.getpid()))
-            self._subreaper_was = procs.set_child_subreaper(True)
-        self._guardian.start(cgroup=self._cgroup.path if self._cgroup else None)
-
-    def _end_supervision(self) -> None:
-        if self._cgroup is not None:
-            self._cgroup.remove()  # empty after the teardown; this kills anything that raced it
-            self._cgroup = None
-        self._guardian.close()
-        if self._subreaper_was is not None:
-            procs.set_child_subreaper(self._subreaper_was)
-            self._subreaper_was = None
 
     def _install_signal_handlers(self) -> None:
         self._wake_r, self._wake_w = os.pipe()
@@ -339,7 +317,7 @@ class NodeAgent:
         has_gpus = _node_has_gpus()
         first_rank = sum(len(s) for s in list(self.spec.world_info.values())[:self.spec.node_rank])
         stamp = time.strftime("%Y%m%d%H%M%S")
-        preexec = procs.preexec_tied_to(os.getpid(), cgroup_procs=self._cgroup.procs_file if self._cgroup else None)
+        preexec = self._tree.preexec(os.getpid())
         stdin = subprocess.DEVNULL if self._lifeline_fd is not None else None
         # Every command first: a bad option raises before any rank exists.
         commands = [(worker_argv(self.worker, local_rank, self.local_size),
@@ -373,7 +351,7 @@ class NodeAgent:
         finally:
             if log:
                 log.close()
-        self._guardian.add(r.pgid)
+        self._tree.guardian.add(r.pgid)
         r.pidfd = procs.pidfd_open(r.proc.pid)
         if r.pidfd is not None:
             sel.register(r.pidfd, selectors.EVENT_READ, ("exit", r))
@@ -393,12 +371,12 @@ class NodeAgent:
         if self._spawn_failed() or self._signals or self._lifeline_eof:
             return self._stop_signal()
         polling = any(r.pidfd is None for r in self.ranks)
-        scanning = self._cgroup is None
+        scanning = self._tree.needs_scans
         timeout = _POLL_S if polling else _SCAN_S if scanning else None
         next_scan = time.monotonic()
         while self._live():
             if scanning and time.monotonic() >= next_scan:
-                self._watch_descendant_groups()
+                self._tree.watch(self._rank_pids(), [r.proc.pid for r in self._live()])
                 next_scan = time.monotonic() + _SCAN_S
             for key, _ in sel.select(timeout):
                 self._dispatch(sel, key.data, during_teardown=False)
@@ -479,86 +457,34 @@ class NodeAgent:
             exitcode=exitcode, signal=signame, timestamp=time.time(), tail=tail, log_file=r.log_file,
             restart_count=self.restart_count))
 
-    # ---------------------------------------------------------------- descendants outside the ranks' groups
-    def _adopted(self) -> List[int]:
-        """Orphans re-parented to this process as subreaper (no job cgroup)."""
-        mine = self._own_children | {r.proc.pid for r in self.ranks if r.proc is not None}
-        mine.add(self._guardian.pid)
-        return [pid for pid in procs.children(os.getpid()) if pid not in mine]
-
-    def _outside_rank_groups(self) -> List[int]:
-        """Descendants of the live ranks and adopted orphans that left the ranks' process groups."""
-        adopted = self._adopted()
-        rank_groups = {r.pgid for r in self.ranks if r.proc is not None}
-        found = []
-        for pid in adopted + procs.descendants([r.proc.pid for r in self._live()] + adopted):
-            try:
-                if os.getpgid(pid) not in rank_groups:
-                    found.append(pid)
-            except OSError:
-                continue
-        return found
-
-    def _watch_descendant_groups(self) -> None:
-        """Hand the guardian every process group a descendant moved into, and drop the emptied ones."""
-        for pid in self._outside_rank_groups():
-            try:
-                pgid = os.getpgid(pid)
-            except OSError:
-                continue
-            if pgid not in self._watched:
-                self._watched.add(pgid)
-                self._guardian.add(pgid)
-                self._note(f"watching process group {pgid} (pid {pid} left its rank's group)", 10)
-        for pgid in [g for g in self._watched if not procs.group_alive(g)]:
-            self._watched.discard(pgid)
-            self._guardian.remove(pgid)
-
-    def _strays(self) -> procs.Strays:
-        """What the teardown ends besides the ranks' groups; the job cgroup, when there is one, holds it all."""
-        return procs.Strays([] if self._cgroup is not None else self._outside_rank_groups())
-
-    def _tree_alive(self, groups: List[_Rank], strays: procs.Strays) -> bool:
-        if self._cgroup is not None and self._cgroup.populated():
-            return True
-        return any(procs.group_alive(r.pgid) for r in groups) or strays.alive()
-
-    def _signal_outside_groups(self, strays: procs.Strays, sig: int) -> None:
-        """`sig` to every process of the job outside the ranks' groups (those get it through killpg)."""
-        strays.signal(sig)
-        if self._cgroup is None:
-            return
-        rank_groups = {r.pgid for r in self.ranks if r.proc is not None}
-        for pid in self._cgroup.members():
-            try:
-                if os.getpgid(pid) not in rank_groups:
-                    os.kill(pid, sig)
-            except OSError:
-                continue
-
     # ---------------------------------------------------------------- teardown
     def _teardown(self, sel, sig: Optional[int]) -> None:
         """Signal every rank's group and every other process of the job at once, one shared grace
         period, then SIGKILL what is left (the whole job cgroup where there is one)."""
-        groups = [r for r in self.ranks if r.proc is not None]
-        strays = self._strays()
+        groups = self._rank_pids()
+        strays = self._tree.strays(groups, [r.proc.pid for r in self._live()])
         try:
-            if self._tree_alive(groups, strays):
+            if self._tree.alive(groups, strays):
                 self._stop_tree(sel, sig, groups, strays)
         finally:
+            strays.reap()  # orphans adopted as subreaper, killed here or exited earlier
             strays.close()
-            self._forget_groups(groups)
+            self._tree.forget(groups)
 
-    def _stop_tree(self, sel, sig: Optional[int], groups: List[_Rank], strays: procs.Strays) -> None:
+    def _rank_pids(self) -> List[int]:
+        """Every spawned rank's pid, which is also its process group id."""
+        return [r.proc.pid for r in self.ranks if r.proc is not None]
+
+    def _stop_tree(self, sel, sig: Optional[int], groups: List[int], strays: procs.Strays) -> None:
         live = self._live()
         sig = signal.SIGTERM if sig is None else sig
-        for r in groups:
-            procs.signal_group(r.pgid, sig)
-        self._signal_outside_groups(strays, sig)
+        for pgid in groups:
+            procs.signal_group(pgid, sig)
+        self._tree.signal_outside(groups, strays, sig)
         deadline = time.monotonic() + self.worker.grace_period
         signals_seen = len(self._signals)
         while time.monotonic() < deadline:
-            if not self._live() and not self._tree_alive(groups, strays):
+            if not self._live() and not self._tree.alive(groups, strays):
                 break
             if len(self._signals) > signals_seen:
                 self._note("second signal: killing the ranks now")
@@ -567,18 +493,15 @@ class NodeAgent:
                 self._dispatch(sel, key.data, during_teardown=True)
             self._poll_exits(during_teardown=True)
         killed = set()
-        for r in groups:
-            if procs.signal_group(r.pgid, signal.SIGKILL) and r in live and r.returncode is None:
+        for r in self.ranks:
+            if r.proc is not None and procs.signal_group(r.pgid, signal.SIGKILL) and r in live and r.returncode is None:
                 killed.add(r.rank)
-        strays.signal(signal.SIGKILL)
-        if self._cgroup is not None and not self._cgroup.kill():
-            self._note(f"processes of job cgroup {self._cgroup.path} did not die after SIGKILL (D state?)", 40)
+        self._tree.kill_outside(strays)
         for r in live:
             self.report.terminated.append({"rank": r.rank, "pid": r.proc.pid,
                                            "how": f"SIGKILL after {self.worker.grace_period:g}s grace"
                                            if r.rank in killed else procs.signal_name(sig)})
         self._reap_all(sel)
-        strays.reap()
 
     def _reap_all(self, sel) -> None:
         deadline = time.monotonic() + _REAP_TIMEOUT_S
@@ -590,15 +513,6 @@ class NodeAgent:
                            f"D state?); abandoning it", 40)
                 continue
             self._reap(sel, r, during_teardown=True)
-
-    def _forget_groups(self, groups: List[_Rank]) -> None:
-        time_limit = time.monotonic() + 1.0  # SIGKILLed members vanish within milliseconds
-        for pgid in [r.pgid for r in groups] + sorted(self._watched):
-            while procs.group_alive(pgid) and time.monotonic() < time_limit:
-                time.sleep(0.005)
-            if not procs.group_alive(pgid):
-                self._guardian.remove(pgid)
-                self._watched.discard(pgid)
 
     def _close_rank_fds(self, sel) -> None:
         for r in self.ranks:

@@ -117,7 +117,8 @@ def test_sigkill_of_dsrun_leaves_nothing_running(tmp_path, mode):
     try:
         recs = records(tmp_path)
         path = job_cgroup(tmp_path)
-        if path is None and "supervision: process groups" in stderr_of(tmp_path):  # the fallback: wait until the agent has handed the new groups to the guardian
+        if path is None and "supervision: process groups" in stderr_of(tmp_path):
+            # the fallback: the guardian only knows the groups the agent's scan has handed it
             groups = {os.getpgid(pid) for rec in recs for key, pid in rec["pids"].items() if key != "rank"}
             deadline = time.monotonic() + 10.0
             while not all(f"watching process group {g} " in stderr_of(tmp_path) for g in groups):
