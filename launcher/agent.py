@@ -496,7 +496,7 @@ class NodeAgent:
         for r in self.ranks:
             if r.proc is not None and procs.signal_group(r.pgid, signal.SIGKILL) and r in live and r.returncode is None:
                 killed.add(r.rank)
-        self._tree.kill_outside(strays)
+        self._tree.kill_outside(groups, strays)
         for r in live:
             self.report.terminated.append({"rank": r.rank, "pid": r.proc.pid,
                                            "how": f"SIGKILL after {self.worker.grace_period:g}s grace"

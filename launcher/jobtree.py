@@ -9,9 +9,10 @@ found outside them: this process becomes a child subreaper so that orphans (a do
 process group among the descendants to the guardian, and `strays()` pins what a teardown must end.
 
 The agent runs the teardown (one shared grace period); `JobTree` signals, tests and kills what is
-outside the ranks' own groups, so that no process gets a signal twice. Processes this process had as
-children before `start()` are never counted as the job's; a child that another thread of this process
-starts while the job runs, without a job cgroup, would be (dsrun starts none).
+outside the ranks' own groups, so that no process gets a signal twice. Without a job cgroup, the
+children this process had before `start()` are never counted as the job's, but a child that another
+thread of this process starts while the job runs would be taken for an adopted orphan (killed and
+reaped at the teardown): the agent must be the only one starting processes here, as it is in dsrun.
 """
 from __future__ import annotations
 
@@ -144,11 +145,21 @@ class JobTree:
             except OSError:
                 continue
 
-    def kill_outside(self, strays: procs.Strays) -> None:
-        """SIGKILL the strays, or the whole job cgroup, and wait until they are gone."""
+    def kill_outside(self, ranks: List[int], strays: procs.Strays) -> None:
+        """SIGKILL the whole job cgroup (and wait until it is empty) or, without one, the strays and
+        the orphans they forked during the grace period."""
+        if self.cgroup is not None:
+            if not self.cgroup.kill():
+                self._note(f"processes of job cgroup {self.cgroup.path} did not die after SIGKILL (D state?)", 40)
+            return
         strays.signal(signal.SIGKILL)
-        if self.cgroup is not None and not self.cgroup.kill():
-            self._note(f"processes of job cgroup {self.cgroup.path} did not die after SIGKILL (D state?)", 40)
+        for _ in range(3):  # each round also reaps the previous one's, so an empty round ends it
+            late = procs.Strays(self._outside(ranks, []))
+            if not late:
+                break
+            late.signal(signal.SIGKILL)
+            late.reap()
+            late.close()
 
     def forget(self, ranks: List[int], timeout: float = 1.0) -> None:
         """Tell the guardian which groups are empty now, so that a recycled id is never signalled.

@@ -16,16 +16,18 @@ The guardian is a plain `os.fork()` (no exec, no imports) so it costs about a mi
 its own process group, ignores the terminal's signals, and redirects its stdio to /dev/null so it
 never holds a pipe someone waits on.
 
-Descendants that call `setsid()` (or double-fork into a new session) leave the rank's group. Where
-cgroup v2 is usable the ranks run in a job cgroup ([Note: job cgroup] in launcher/cgroup.py) that no
-process can leave: the agent's teardown and the guardian (given the cgroup's path) kill it whole, so
-nothing the job started is left running after its end, its failure or a SIGKILL of the agent.
-Elsewhere the agent makes itself a child subreaper (`PR_SET_CHILD_SUBREAPER`), so that such orphans
-re-parent to it instead of init; its teardown kills them with the ranks (held by pidfd, `Strays`),
-and while the job runs it tells the guardian every new process group it sees among the descendants
-(a scan every half second). What the fallback misses: a process that escapes into a new session and
-is orphaned between two scans before the agent is SIGKILLed, and one that leaves every process group
-the scan saw (`setsid` twice).
+Descendants that call `setsid()` (or double-fork into a new session) leave the rank's group.
+launcher/jobtree.py covers them. Where cgroup v2 is usable the ranks run in a job cgroup ([Note: job
+cgroup] in launcher/cgroup.py) that no process can leave: the agent's teardown and the guardian (given
+the cgroup's path) kill it whole, so nothing the job started is left running after its end, its
+failure or a SIGKILL of the agent. Elsewhere the agent makes itself a child subreaper
+(`PR_SET_CHILD_SUBREAPER`), so that such orphans re-parent to it instead of init; its teardown ends
+them with the ranks (held by pidfd, `Strays`), which covers a job's end and its failure. For a SIGKILL
+of the agent, it tells the guardian every new process group it sees among the descendants, in a scan
+every half second. The limits there, which only a cgroup removes: a process that moved into a new
+session since the last scan survives a SIGKILL of the agent, and so does one that leaves its group
+again after being seen (a second `setsid`). Processes the job has someone else start (`systemd-run`,
+a container runtime, sshd) are not its descendants, and neither scheme sees them.
 """
 from __future__ import annotations
 
