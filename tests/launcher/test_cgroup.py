@@ -156,3 +156,31 @@ def test_job_cgroup_is_used_where_cgroup_v2_is_writable(tmp_path):
     path = job_cgroup(tmp_path)
     assert_all_gone(records(tmp_path, timeout=0), path, within=0.5)
     assert (path is not None) == cgroup_v2_writable(), stderr_of(tmp_path)
+
+
+def test_in_process_agent_reaps_what_it_adopted_and_restores_the_subreaper(tmp_path):
+    """Without a cgroup, an in-process agent (as `dsrun` runs one) adopts orphans; it must leave its
+    host process as it found it: no zombie children, not a subreaper."""
+    import ctypes
+    import io
+
+    from dsrun.launcher.agent import NodeAgent
+    from dsrun.launcher.spec import AgentSpec, WorkerOptions
+
+    worker = WorkerOptions(script=ESCAPE, script_args=("end",), python=sys.executable, grace_period=2.0,
+                           log_level="debug", log_dir=str(tmp_path / "logs"))
+    spec = AgentSpec(job_id="adopt-job", world_info={"localhost": [0, 1]}, node_rank=0, master_addr="127.0.0.1",
+                     master_port=29500, env={"DSRUN_TEST_OUT": str(tmp_path)}, worker=worker, cwd=str(tmp_path),
+                     devices=())
+    err = io.StringIO()
+    before = {p.pid for p in psutil.Process().children()}
+    code = NodeAgent(spec, out=io.StringIO(), err=err, environ={**os.environ, "DSRUN_CGROUP": "off"}).run()
+    assert code == 0, err.getvalue()
+    assert "supervision: process groups (DSRUN_CGROUP=off)" in err.getvalue()
+    assert_all_gone(records(tmp_path, timeout=0), None, within=0.5)
+    new = [p for p in psutil.Process().children() if p.pid not in before]
+    assert not new, [(p.pid, p.status()) for p in new]
+    libc = ctypes.CDLL(None, use_errno=True)
+    flag = ctypes.c_int(-1)
+    assert libc.prctl(37, ctypes.byref(flag), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER
+    assert flag.value == 0
