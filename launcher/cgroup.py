@@ -65,7 +65,8 @@ def current_cgroup(pid: str = "self") -> Optional[str]:
     return None
 
 
-def create_job_cgroup(job_id: str, node_rank: int, environ: Mapping[str, str]) -> Tuple[Optional["JobCgroup"], str]:
+def create_job_cgroup(job_id: str, node_rank: int,
+                      environ: Mapping[str, str]) -> Tuple[Optional["JobCgroup"], str]:
     """Create this agent's job cgroup; returns (cgroup, "") or (None, why process groups are used)."""
     if environ.get("DSRUN_CGROUP", "auto").lower() in ("off", "0", "no", "false"):
         return None, "DSRUN_CGROUP=off"
@@ -74,8 +75,8 @@ def create_job_cgroup(job_id: str, node_rank: int, environ: Mapping[str, str]) -
         return None, "no cgroup v2 mount"
     mount_point, root = mount
     own = current_cgroup()
-    if own is None or not (own == root or own.startswith(root.rstrip("/") + "/")):
-        return None, "own cgroup not under the cgroup v2 mount"
+    if own is None or "/../" in own + "/" or not (own == root or own.startswith(root.rstrip("/") + "/")):
+        return None, "own cgroup not under the cgroup v2 mount"  # "/..": outside our cgroup namespace
     parent = os.path.join(mount_point, own[len(root.rstrip("/")):].lstrip("/"))
     if not os.access(os.path.join(parent, "cgroup.procs"), os.W_OK):
         return None, f"{parent}/cgroup.procs is not writable"
@@ -100,14 +101,6 @@ class JobCgroup:
 
     def populated(self) -> bool:
         return _populated(self.path)
-
-    def signal(self, sig: int) -> None:
-        """Send `sig` to every process in the cgroup now (its later children are not covered)."""
-        for pid in self.members():
-            try:
-                os.kill(pid, sig)
-            except OSError:
-                pass
 
     def kill(self, timeout: float = _SETTLE_S) -> bool:
         """SIGKILL the whole tree and wait until it is gone; False if something is still there."""

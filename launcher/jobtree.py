@@ -174,6 +174,7 @@ class JobTree:
                 self.guardian.remove(pgid)
                 continue
             while procs.group_alive(pgid) and time.monotonic() < time_limit:
+                self._adopted(ranks)  # our own zombies would keep the group alive
                 time.sleep(0.005)
             if not procs.group_alive(pgid):
                 self.guardian.remove(pgid)

@@ -178,7 +178,15 @@ class Strays:
     has them, so that a pid recycled during the grace period is never signalled."""
 
     def __init__(self, pids: Iterable[int] = ()):
-        self._held: Dict[int, Optional[int]] = {pid: pidfd_open(pid) for pid in pids}
+        self._held: Dict[int, Optional[int]] = {}
+        opener = getattr(os, "pidfd_open", None)
+        for pid in pids:
+            try:
+                self._held[pid] = opener(pid) if opener else None
+            except ProcessLookupError:  # reaped already: its pid may be someone else's by now
+                continue
+            except OSError:  # a kernel without pidfds
+                self._held[pid] = None
 
     def __bool__(self) -> bool:
         return bool(self._held)

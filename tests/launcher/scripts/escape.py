@@ -5,7 +5,7 @@ rank's stdout) and a classic double-forked daemon (fork, setsid, fork, stdio on 
 until both run, and records the three pids and its own cgroup v2 path in
 $DSRUN_TEST_OUT/pids<RANK>.json. Then, by MODE:
   end    exit 0 (the job ends normally, leaving both behind)
-  fail   rank 1 exits 3 at once, rank 0 sleeps
+  fail   rank 1 exits 3 once rank 0 has recorded its pids, rank 0 sleeps
   sleep  sleep a minute (the test kills dsrun)
 """
 import json
@@ -58,5 +58,7 @@ record(f"pids{rank}.json", {"pids": {"rank": os.getpid(), "setsid": setsid_child
 if mode == "end":
     sys.exit(0)
 if mode == "fail" and rank == 1:
+    while not os.path.exists(os.path.join(out_dir, "pids0.json")):  # or rank 0 dies before recording
+        time.sleep(0.01)
     sys.exit(3)
 time.sleep(60)
