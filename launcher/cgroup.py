@@ -142,15 +142,17 @@ def _write(path: str, value: bytes) -> bool:
         os.close(fd)
 
 
-def kill_tree(path: str, timeout: float = _SETTLE_S) -> bool:
+def kill_tree(path: str, timeout: float = _SETTLE_S, *, use_kill_file: bool = True) -> bool:
     """SIGKILL every process in cgroup `path` (its subgroups included) and wait until it is empty.
 
-    `cgroup.kill` does it atomically, forks in flight included. Without it the cgroup is frozen so that
-    nothing forks between our reading `cgroup.procs` and signalling (SIGKILL reaches frozen tasks),
-    and the read-and-kill is repeated until the cgroup is empty.
+    `cgroup.kill` does it atomically, forks in flight included. Without it (Linux < 5.14, or
+    `use_kill_file=False`, which tests use to reach this path) the cgroup is frozen so that nothing
+    forks between our reading `cgroup.procs` and signalling (SIGKILL reaches frozen tasks), and the
+    read-and-kill is repeated until the cgroup is empty (also the only way before Linux 5.2, which
+    has no `cgroup.freeze`).
     """
     deadline = time.monotonic() + timeout
-    killed_at_once = _write(os.path.join(path, "cgroup.kill"), b"1")
+    killed_at_once = use_kill_file and _write(os.path.join(path, "cgroup.kill"), b"1")
     frozen = False
     while _populated(path):
         if not killed_at_once:

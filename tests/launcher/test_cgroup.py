@@ -5,7 +5,8 @@ scripts/escape.py starts a child in a new session and a double-forked daemon. Wh
 job (it ends normally, a rank fails, dsrun is SIGKILLed) none of them may survive it. Every scenario
 runs twice: with the job cgroup where this machine allows one (`auto`; launcher/cgroup.py) and with
 the process-group fallback forced by `DSRUN_CGROUP=off` (launcher/procs.py, [Note: no orphans]).
-The agent's debug note says which one it used, and each rank records the cgroup it ran in.
+The agent's debug note says which one it used, and each rank records the cgroup it ran in. Both ways
+of killing a job cgroup (`cgroup.kill`; freeze and SIGKILL on older kernels) are tested on their own.
 """
 import json
 import os
@@ -184,3 +185,41 @@ def test_in_process_agent_reaps_what_it_adopted_and_restores_the_subreaper(tmp_p
     flag = ctypes.c_int(-1)
     assert libc.prctl(37, ctypes.byref(flag), 0, 0, 0) == 0  # PR_GET_CHILD_SUBREAPER
     assert flag.value == 0
+
+
+FORKER = """
+import os, time
+while True:  # a new process in a new session every few milliseconds, until killed
+    if os.fork() == 0:
+        os.setsid()
+        time.sleep(300)
+        os._exit(0)
+    time.sleep(0.005)
+"""
+
+
+@pytest.mark.parametrize("use_kill_file", [True, False], ids=["cgroup.kill", "freeze-and-kill"])
+def test_kill_tree_ends_a_forking_tree(tmp_path, use_kill_file):
+    """Both ways of killing a job cgroup (`cgroup.kill`, and freeze + SIGKILL for kernels before 5.14)
+    end a tree that keeps forking into new sessions while it is being killed."""
+    from dsrun.launcher import cgroup, procs
+
+    if not cgroup_v2_writable():
+        pytest.skip("this machine has no writable cgroup v2; the fallback tests above cover it")
+    job, why = cgroup.create_job_cgroup("kill-tree-test", 0, {})
+    assert job is not None, why
+    try:
+        root = subprocess.Popen([sys.executable, "-c", FORKER],
+                                preexec_fn=procs.preexec_tied_to(os.getpid(), cgroup_procs=job.procs_file))
+        deadline = time.monotonic() + 10.0
+        while len(job.members()) < 10:
+            assert time.monotonic() < deadline, job.members()
+            time.sleep(0.02)
+        members = job.members()
+        assert cgroup.kill_tree(job.path, use_kill_file=use_kill_file)
+        assert not job.populated() and job.members() == []
+        assert not alive(members)
+        root.wait(timeout=5)
+    finally:
+        job.remove()
+    assert not os.path.exists(job.path)
