@@ -480,7 +480,10 @@ class NodeAgent:
         sig = signal.SIGTERM if sig is None else sig
         for pgid in groups:
             procs.signal_group(pgid, sig)
-        self._tree.signal_outside(groups, strays, sig)
+        outside = self._tree.signal_outside(groups, strays, sig)
+        if outside and not live:
+            self._note(f"the ranks have exited; ending what they left running in other sessions (pids "
+                       f"{', '.join(map(str, sorted(outside)))}): nothing the job started outlives it")
         deadline = time.monotonic() + self.worker.grace_period
         signals_seen = len(self._signals)
         while time.monotonic() < deadline:

@@ -133,17 +133,21 @@ class JobTree:
         self._adopted(ranks)  # reaps the exited ones
         return any(procs.group_alive(pgid) for pgid in ranks) or strays.alive()
 
-    def signal_outside(self, ranks: List[int], strays: procs.Strays, sig: int) -> None:
-        """`sig` to every process of the job outside the ranks' groups (those get it through killpg)."""
-        strays.signal(sig)
+    def signal_outside(self, ranks: List[int], strays: procs.Strays, sig: int) -> List[int]:
+        """`sig` to every process of the job outside the ranks' groups (those get it through killpg);
+        returns their pids."""
         if self.cgroup is None:
-            return
+            strays.signal(sig)
+            return strays.pids()
+        outside = []
         for pid in self.cgroup.members():
             try:
                 if os.getpgid(pid) not in ranks:
                     os.kill(pid, sig)
+                    outside.append(pid)
             except OSError:
                 continue
+        return outside
 
     def kill_outside(self, ranks: List[int], strays: procs.Strays) -> None:
         """SIGKILL the whole job cgroup (and wait until it is empty) or, without one, the strays and

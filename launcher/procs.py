@@ -191,6 +191,9 @@ class Strays:
     def __bool__(self) -> bool:
         return bool(self._held)
 
+    def pids(self) -> List[int]:
+        return list(self._held)
+
     def signal(self, sig: int) -> None:
         for pid, fd in self._held.items():
             try:

@@ -101,6 +101,7 @@ def test_normal_end_leaves_nothing_running(tmp_path, mode):
     recs = records(tmp_path, timeout=0)
     assert_all_gone(recs, job_cgroup(tmp_path), within=0.5)
     check_supervision(tmp_path, mode, recs)
+    assert "the ranks have exited; ending what they left running" in stderr_of(tmp_path)
 
 
 @pytest.mark.parametrize("mode", MODES)
