@@ -4,14 +4,18 @@ One `NodeAgent` gets one `AgentSpec` (launcher/spec.py) and nothing else. `dsrun
 for local and `--no_ssh` jobs; multi-node transports run `python -u -m dsrun.launcher.agent --spec
 <AgentSpec.to_b64()> [--lifeline stdin]` on each node.
 
-Lifecycle of one attempt: install signal handlers (before anything is spawned), start the guardian
-(launcher/procs.py, [Note: no orphans]), spawn every local rank in its own session, then wait in one
-`select` over each rank's pidfd (exit seen within milliseconds), output pipes, a signal wake-up pipe
-and, for remote agents, the lifeline (stdin: EOF means the driver's connection dropped). The first
-failure, signal or lifeline EOF starts a teardown of all ranks at once with one shared grace period
-(`WorkerOptions.grace_period`), then SIGKILL for survivors. With `--max_restarts N` a failed group is
-restarted whole (torchrun semantics) with `DSRUN_RESTART_COUNT`/`TORCHELASTIC_RESTART_COUNT`
-incremented; a rank that could not even be spawned is not restarted (pytorch#60910).
+Lifecycle of one attempt: install signal handlers (before anything is spawned), start supervising the
+job's process tree (launcher/jobtree.py: a job cgroup where the system allows it, [Note: job cgroup],
+else process groups, [Note: no orphans]; both with a guardian that outlives the agent), spawn every
+local rank in its own session, then wait in one `select` over each rank's pidfd (exit seen within
+milliseconds), output pipes, a signal wake-up pipe and, for remote agents, the lifeline (stdin: EOF
+means the driver's connection dropped). The first failure, signal or lifeline EOF starts a teardown of
+all ranks at once with one shared grace period (`WorkerOptions.grace_period`), then SIGKILL for
+survivors. The same teardown ends a job whose ranks
+all exited but left processes behind (a `setsid` daemon, a forgotten child): nothing the job started
+is left running after it. With `--max_restarts N` a failed group is restarted whole (torchrun
+semantics) with `DSRUN_RESTART_COUNT`/`TORCHELASTIC_RESTART_COUNT` incremented; a rank that could not
+even be spawned is not restarted (pytorch#60910).
 
 Exit code: the root-cause rank's own code (128+N for death by signal N); a signal to the agent itself
 gives 128+signo unless a rank had already failed; lifeline EOF gives 129 (as SIGHUP).
@@ -38,6 +42,7 @@ from dsrun.errors import DsrunError, LaunchError
 from dsrun.launcher import procs
 from dsrun.launcher.failure import (FailureReport, RankFailure, default_log_dir, error_file_path, exit_code_for,
                                     read_error_file)
+from dsrun.launcher.jobtree import JobTree
 from dsrun.launcher.output import ConsoleWriter, RankStream, new_tail, print_failure
 from dsrun.launcher.spec import AgentSpec, WorkerOptions
 
@@ -48,6 +53,7 @@ __all__ = ["NodeAgent", "worker_env", "worker_argv", "pid_file_path", "main"]
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _POLL_S = 0.05  # only used where pidfds are missing, and to watch process groups during teardown
 _REAP_TIMEOUT_S = 5.0  # after SIGKILL; a rank still there is stuck in the kernel (D state)
+_SCAN_S = 0.5  # without a job cgroup: how often new process groups among the descendants reach the guardian
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
@@ -185,7 +191,7 @@ class NodeAgent:
         self._signals: List[int] = []
         self._wake_r = self._wake_w = None
         self._old_handlers = {}
-        self._guardian = procs.Guardian()
+        self._tree = JobTree(self._note)
         self._lifeline_eof = False
         self.restart_count = 0
         self.ranks: List[_Rank] = []
@@ -198,10 +204,10 @@ class NodeAgent:
         pid_file = self._write_pid_file() if self.worker.save_pid else None
         try:
             self._install_signal_handlers()
-            self._guardian.start()
+            self._tree.start(self.spec.job_id, self.spec.node_rank, self._environ)
             code = self._attempts()
         finally:
-            self._guardian.close()
+            self._tree.close()
             self._restore_signal_handlers()
             if pid_file:
                 _unlink(pid_file)
@@ -315,7 +321,7 @@ class NodeAgent:
         has_gpus = _node_has_gpus()
         first_rank = sum(len(s) for s in list(self.spec.world_info.values())[:self.spec.node_rank])
         stamp = time.strftime("%Y%m%d%H%M%S")
-        preexec = procs.preexec_tied_to(os.getpid())
+        preexec = self._tree.preexec(os.getpid())
         stdin = subprocess.DEVNULL if self._lifeline_fd is not None else None
         # Every command first: a bad option raises before any rank exists.
         commands = [(worker_argv(self.worker, local_rank, self.local_size),
@@ -351,7 +357,7 @@ class NodeAgent:
         finally:
             if log:
                 log.close()
-        self._guardian.add(r.pgid)
+        self._tree.guardian.add(r.pgid)
         r.pidfd = procs.pidfd_open(r.proc.pid)
         if r.pidfd is not None:
             sel.register(r.pidfd, selectors.EVENT_READ, ("exit", r))
@@ -371,8 +377,14 @@ class NodeAgent:
         if self._spawn_failed() or self._signals or self._lifeline_eof:
             return self._stop_signal()
         polling = any(r.pidfd is None for r in self.ranks)
+        scanning = self._tree.needs_scans
+        timeout = _POLL_S if polling else _SCAN_S if scanning else None
+        next_scan = time.monotonic()
         while self._live():
-            for key, _ in sel.select(_POLL_S if polling else None):
+            if scanning and time.monotonic() >= next_scan:
+                self._tree.watch(self._rank_pids(), [r.proc.pid for r in self._live()])
+                next_scan = time.monotonic() + _SCAN_S
+            for key, _ in sel.select(timeout):
                 self._dispatch(sel, key.data, during_teardown=False)
             if polling:
                 self._poll_exits(during_teardown=False)
@@ -454,20 +466,35 @@ class NodeAgent:
 
     # ---------------------------------------------------------------- teardown
     def _teardown(self, sel, sig: Optional[int]) -> None:
-        """Signal every rank's group at once, one shared grace period, then SIGKILL what is left."""
+        """Signal every rank's group and every other process of the job at once, one shared grace
+        period, then SIGKILL what is left (the whole job cgroup where there is one)."""
+        groups = self._rank_pids()
+        strays = self._tree.strays(groups, [r.proc.pid for r in self._live()])
+        try:
+            if self._tree.alive(groups, strays):
+                self._stop_tree(sel, sig, groups, strays)
+        finally:
+            strays.reap()  # orphans adopted as subreaper, killed here or exited earlier
+            strays.close()
+            self._tree.forget(groups)
+
+    def _rank_pids(self) -> List[int]:
+        """Every spawned rank's pid, which is also its process group id."""
+        return [r.proc.pid for r in self.ranks if r.proc is not None]
+
+    def _stop_tree(self, sel, sig: Optional[int], groups: List[int], strays: procs.Strays) -> None:
         live = self._live()
-        groups = [r for r in self.ranks if r.proc is not None]
-        if not any(procs.group_alive(r.pgid) for r in groups):
-            self._forget_groups(groups)
-            return
         sig = signal.SIGTERM if sig is None else sig
-        stray = procs.descendants(r.proc.pid for r in live) if live else []
-        for r in groups:
-            procs.signal_group(r.pgid, sig)
+        for pgid in groups:
+            procs.signal_group(pgid, sig)
+        outside = self._tree.signal_outside(groups, strays, sig)
+        if outside and not live:
+            self._note(f"the ranks have exited; ending what they left running in other sessions (pids "
+                       f"{', '.join(map(str, sorted(outside)))}): nothing the job started outlives it")
         deadline = time.monotonic() + self.worker.grace_period
         signals_seen = len(self._signals)
         while time.monotonic() < deadline:
-            if not self._live() and not any(procs.group_alive(r.pgid) for r in groups):
+            if not self._live() and not self._tree.alive(groups, strays):
                 break
             if len(self._signals) > signals_seen:
                 self._note("second signal: killing the ranks now")
@@ -476,20 +503,15 @@ class NodeAgent:
                 self._dispatch(sel, key.data, during_teardown=True)
             self._poll_exits(during_teardown=True)
         killed = set()
-        for r in groups:
-            if procs.signal_group(r.pgid, signal.SIGKILL) and r in live and r.returncode is None:
+        for r in self.ranks:
+            if r.proc is not None and procs.signal_group(r.pgid, signal.SIGKILL) and r in live and r.returncode is None:
                 killed.add(r.rank)
-        for pid in stray:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        self._tree.kill_outside(groups, strays)
         for r in live:
             self.report.terminated.append({"rank": r.rank, "pid": r.proc.pid,
                                            "how": f"SIGKILL after {self.worker.grace_period:g}s grace"
                                            if r.rank in killed else procs.signal_name(sig)})
         self._reap_all(sel)
-        self._forget_groups(groups)
 
     def _reap_all(self, sel) -> None:
         deadline = time.monotonic() + _REAP_TIMEOUT_S
@@ -501,14 +523,6 @@ class NodeAgent:
                            f"D state?); abandoning it", 40)
                 continue
             self._reap(sel, r, during_teardown=True)
-
-    def _forget_groups(self, groups: List[_Rank]) -> None:
-        time_limit = time.monotonic() + 1.0  # SIGKILLed members vanish within milliseconds
-        for r in groups:
-            while procs.group_alive(r.pgid) and time.monotonic() < time_limit:
-                time.sleep(0.005)
-            if not procs.group_alive(r.pgid):
-                self._guardian.remove(r.pgid)
 
     def _close_rank_fds(self, sel) -> None:
         for r in self.ranks:

@@ -6,7 +6,6 @@ that every recorded process is gone.
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -155,9 +154,9 @@ def test_second_signal_kills_at_once(tmp_path):
     assert_all_gone(pids)
 
 
-@pytest.mark.skipif(shutil.which("dsrun") is None, reason="dsrun console script not installed")
 def test_sigkill_of_the_dsrun_command_leaves_no_orphans(tmp_path):
-    proc = subprocess.Popen(["dsrun", "--num_gpus", "2", WORKER, "sleep", "60"], cwd=tmp_path,
+    proc = subprocess.Popen([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", WORKER, "sleep", "60"],
+                            cwd=tmp_path,
                             env={**os.environ, "DSRUN_TEST_OUT": str(tmp_path)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pids = wait_for_pids(tmp_path)
