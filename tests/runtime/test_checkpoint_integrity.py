@@ -360,12 +360,11 @@ def test_damaged_checkpoint_under_dsrun_exits_1(damaged_runs, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="needs defect-2 fix (lead): DsrunErrors raised in ranks print nothing")
 @pytest.mark.parametrize("mode", sorted(DAMAGE))
 def test_damaged_checkpoint_under_dsrun_names_the_file(damaged_runs, mode):
     _, runs = damaged_runs
     named, rc, out = runs[mode]
-    assert named in out, out  # needs defect-2 fix (lead)
+    assert named in out, out
 
 
 @pytest.mark.slow
