@@ -218,7 +218,7 @@ class JobOutcome:
         stream = stream if stream is not None else sys.stderr
         path = None
         try:
-            path = report.write(directory)
+            path = report.write(os.path.abspath(directory))
         except OSError as e:
             stream.write(f"dsrun: could not write the failure record to {directory}: {e}\n")
         print_failure(report, path, stream=stream)

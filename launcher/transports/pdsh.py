@@ -8,7 +8,7 @@ would run, where LINE starts `agent --job_id ID --node_rank %n --lifeline stdin`
 each agent the spec on its stdin, so no spec is ever in an argv here or on the nodes.
 
 Lifeline: pdsh runs with PR_SET_PDEATHSIG=SIGKILL, so it ends with dsrun even on SIGKILL; then every
-relay's `cat` reads EOF, every ssh's stdin closes and every agent tears its ranks down.
+relay's feeder sees EOF, every ssh's stdin closes and every agent tears its ranks down.
 
 Fail fast: pdsh reports each host's exit status on stderr (`pdsh@x: HOST: ssh exited with exit code
 N`). A node that ends non-zero (255: ssh could not connect) or an agent's failure report stops every
@@ -262,7 +262,8 @@ def _reason(status: int) -> str:
 
 
 def _stop_pdsh(proc: subprocess.Popen) -> None:
-    # pdsh ends on a second SIGINT within one second; the relays' `cat` then reads EOF, closing every lifeline.
+    # pdsh ends on a second SIGINT within one second; the relays' feeders then see EOF,
+    # closing every lifeline.
     for _ in range(2):
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)

@@ -7,19 +7,20 @@ out, substitutes `%h`/`%n`/`%u`, labels and collects output and exit codes) and 
 
 1. read SPEC_FILE (a 0600 hard link made for this node in a 0700 folder) and unlink it at once;
 2. fork a feeder that dies with its parent (PR_SET_PDEATHSIG), writes the spec into a pipe and then
-   becomes `cat`, copying pdsh's stdin (never written; EOF when pdsh ends) into the same pipe;
+   holds that pipe open until pdsh's stdin (never written) reaches EOF, i.e. until pdsh ends;
 3. exec the ssh command with that pipe as its stdin.
 
 So the remote agent reads the spec line first and then holds a lifeline that ends when pdsh ends
 (pdsh itself dies with dsrun, even on SIGKILL), and pdsh sees ssh's own exit status (255: could not
-connect). Torch-free, nothing imported beyond the standard library; after the exec only ssh and a
-`cat` remain per host.
+connect). Torch-free, nothing imported beyond the standard library; after the exec only ssh and the
+small feeder remain per host.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import os
+import select
 import signal
 import sys
 
@@ -29,7 +30,8 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _feed(spec: bytes, pipe_w: int, parent: int) -> None:
-    """In the forked child: die with the parent, write the spec, then become `cat` (stdin -> pipe)."""
+    """In the forked child: die with the parent (ssh), write the spec, then hold the pipe open until
+    pdsh's end of our stdin closes (pdsh ended) and exit, which closes ssh's stdin."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:
@@ -38,12 +40,22 @@ def _feed(spec: bytes, pipe_w: int, parent: int) -> None:
         view = memoryview(spec)
         while view:
             view = view[os.write(pipe_w, view):]
-        os.dup2(pipe_w, 1)
-        os.close(pipe_w)
-        os.execvp("cat", ["cat"])
     except OSError:
-        pass  # ssh is gone (EPIPE) or cat is missing: ssh's own status reports the node
-    os._exit(0)
+        os._exit(0)  # ssh is gone (EPIPE): its own exit status reports the node
+    # ssh makes the socket it shares with our stdin non-blocking, so wait with poll(), not a blocking read.
+    poller = select.poll()
+    poller.register(0, select.POLLIN | select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0))
+    while True:
+        for _, events in poller.poll():
+            if events & (select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)):
+                os._exit(0)
+            try:
+                if not os.read(0, 65536):  # pdsh never writes; EOF means it ended
+                    os._exit(0)
+            except BlockingIOError:
+                pass
+            except OSError:
+                os._exit(0)
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,6 @@
 the driver's merge of agent reports into one job-level failure record."""
 import io
 import json
-import shlex
 import subprocess
 import sys
 
