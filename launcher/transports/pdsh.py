@@ -42,6 +42,7 @@ __all__ = ["PdshOptions", "PdshTransport", "pdsh_env", "spec_dir"]
 TEARDOWN_MARGIN_S = 10.0  # beyond the grace period, for the job-scoped kill over pdsh
 SETTLE_S = 5.0  # after that kill, for pdsh to collect the last reports and exit
 RELAY_MODULE = "dsrun.launcher.transports.pdsh_relay"
+_NODE_RANK = "@@NODE_RANK@@"  # stands for pdsh's %n until the line is escaped
 _EXIT_LINE = re.compile(r"^pdsh@[^:]*: (.+?): \S+ exited with exit code (\d+)\s*$")
 
 
@@ -122,9 +123,13 @@ class PdshTransport(Transport):
 
     def commands(self, plan: LaunchPlan) -> Tuple[Command, ...]:
         agent = plan.agents[0]
-        line = remote_line(agent.cwd, agent_argv(plan.worker.python, plan.job_id, node_rank="%n"),
+        # pdsh rewrites `%` sequences in every word of an exec command: our words are escaped (`%%`)
+        # and only then get their `%n`; PDSH_SSH_ARGS* keep their `%h`/`%u` on purpose.
+        line = remote_line(agent.cwd, agent_argv(plan.worker.python, plan.job_id, node_rank=_NODE_RANK),
                            self.options.venv_script)
-        relay = [plan.worker.python, "-m", RELAY_MODULE, os.path.join(spec_dir(plan.job_id), "node-%n")]
+        line = _literal(line).replace(_NODE_RANK, "%n")
+        spec_file = _literal(os.path.join(spec_dir(plan.job_id), "node-")) + "%n"
+        relay = [_literal(plan.worker.python), "-m", RELAY_MODULE, spec_file]
         argv = self._prefix(plan) + ["-R", "exec", *relay, *self.ssh_argv(line)]
         return (Command(host=None, argv=tuple(argv), options=dumps_options(self.options)),)
 
@@ -142,6 +147,11 @@ class PdshTransport(Transport):
             return _PdshRun(self, plan, directory).run()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _literal(word: str) -> str:
+    """`word` as pdsh's exec module passes it through unchanged."""
+    return word.replace("%", "%%")
 
 
 def _check_pdsh() -> None:

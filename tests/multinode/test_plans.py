@@ -24,8 +24,9 @@ POOL = {"worker-0": 4, "worker-1": 4}
 
 def make(launcher, **kw):
     kw.setdefault("force_multi", True)
+    kw.setdefault("cwd", "/work dir")
     spec = LaunchSpec(script="test_launcher.py", resource_pool=dict(POOL), launcher=launcher, job_id="job-1",
-                      python="/usr/bin/python3", cwd="/work dir", **kw)
+                      python="/usr/bin/python3", **kw)
     return spec, plan(spec)
 
 
@@ -87,6 +88,13 @@ def test_pdsh_command_and_env():
     assert kill.env["PDSH_RCMD_TYPE"] == "ssh" and kill.env["PDSH_SSH_ARGS_APPEND"] == "-F cfg -p 2200"
     assert kill.argv[-1] == "/usr/bin/python3 -m dsrun.launcher.transports.node_entry --kill job-1 --grace 5"
     assert "-R" not in kill.argv
+
+
+def test_pdsh_escapes_percent_signs_of_its_own_words():
+    _, p = make("pdsh", cwd="/data/100%n")
+    cmd = argv(p)
+    assert cmd[-1] == ("cd /data/100%%n && exec /usr/bin/python3 -u -m dsrun.launcher.agent --job_id job-1 "
+                       "--node_rank %n --lifeline stdin")
 
 
 def test_pdsh_port_without_previous_append():
