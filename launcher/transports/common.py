@@ -30,6 +30,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import asdict
 from typing import IO, Callable, Iterable, List, Optional
 
 from dsrun.launcher.failure import FAILURE_MARKER, FailureReport, default_log_dir, parse_marker_line
@@ -234,7 +235,5 @@ def stderr_bytes() -> IO[bytes]:
 
 
 def dumps_options(options) -> dict:
-    """A transport's frozen options dataclass as the plain dict a `Command.options` holds."""
-    from dataclasses import asdict
-
+    """A transport's frozen options dataclass as the plain (JSON) dict a `Command.options` holds."""
     return json.loads(json.dumps(asdict(options)))

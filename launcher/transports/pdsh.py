@@ -178,12 +178,16 @@ def _write_spec_links(plan: LaunchPlan) -> str:
         raise LaunchError(f"cannot create the private folder {directory} for the launch spec: {e.strerror}",
                           hint="remove it if it is left over from an earlier run") from None
     source = os.path.join(directory, "spec.json")
-    fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(spec_line(plan.agents[0]))
-    for node_rank in range(len(plan.world_info)):
-        os.link(source, os.path.join(directory, f"node-{node_rank}"))
-    os.unlink(source)
+    try:
+        fd = os.open(source, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(spec_line(plan.agents[0]))
+        for node_rank in range(len(plan.world_info)):
+            os.link(source, os.path.join(directory, f"node-{node_rank}"))
+        os.unlink(source)
+    except OSError as e:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise LaunchError(f"cannot write the launch spec into {directory}: {e.strerror}") from None
     return directory
 
 
