@@ -7,14 +7,15 @@ relay of [Note: pdsh relay] (transports/pdsh_relay.py) around `ssh [PDSH_SSH_ARG
 would run, where LINE starts `agent --job_id ID --node_rank %n --lifeline stdin`. The relay hands
 each agent the spec on its stdin, so no spec is ever in an argv here or on the nodes.
 
-Lifeline: pdsh runs with PR_SET_PDEATHSIG=SIGKILL, so it ends with dsrun even on SIGKILL; then every
+Lifeline: pdsh runs in its own session (a terminal's Ctrl-C reaches dsrun alone, which stops the job in
+order) with PR_SET_PDEATHSIG=SIGKILL, so it ends with dsrun even on SIGKILL; then every
 relay's feeder sees EOF, every ssh's stdin closes and every agent tears its ranks down.
 
 Fail fast: pdsh reports each host's exit status on stderr (`pdsh@x: HOST: ssh exited with exit code
 N`). A node that ends non-zero (255: ssh could not connect) or an agent's failure report stops every
 other node with a job-scoped kill run over pdsh (`node_entry --kill <job_id>`: SIGTERM to the agents
 whose argv carries that job id, nothing by name); pdsh is then left to exit so every node's report is
-read, and is stopped after one grace period plus a margin if it does not.
+read; if it has not ended a few seconds after that kill, it is stopped, which closes every lifeline.
 """
 from __future__ import annotations
 
@@ -223,7 +224,7 @@ class _PdshRun:
         lock = threading.Lock()
         with SignalTrap() as trap:
             proc = subprocess.Popen(list(command.argv), env={**os.environ, **command.env}, stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                     preexec_fn=preexec_tied_to(os.getpid(), signal.SIGKILL))
             pumps = [LinePump(proc.stdout, stdout_bytes(), lock, on_report=self._on_report, name="pdsh-out"),
                      LinePump(proc.stderr, stderr_bytes(), lock, on_line=self._on_stderr, name="pdsh-err")]
