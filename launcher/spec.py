@@ -5,8 +5,9 @@
 from each; the MPI family and slurm start workers directly through `commands` (transports/mpi_worker.py)
 and read only the shared fields (env, worker options, master) from the specs. A node
 agent (`launcher/agent.py`) is given exactly one `AgentSpec` (in process for local runs; as one JSON
-line on its stdin for remote ones, see [Note: spec on stdin] in transports/common.py) and needs nothing else: it spawns `len(world_info[host])` ranks with the
-worker environment of shared/design.md, supervises them and tears them down.
+line on its stdin for remote ones, see [Note: spec on stdin] in transports/common.py) and needs
+nothing else: it spawns `len(world_info[host])` ranks with the worker environment of
+shared/design.md, supervises them and tears them down.
 Every type here is frozen and round-trips through JSON.
 """
 from __future__ import annotations

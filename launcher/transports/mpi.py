@@ -103,7 +103,8 @@ def hydra_command(plan: LaunchPlan, launcher_args: str, launcher: str) -> Comman
 def reject_agent_flags(name: str, plan: LaunchPlan, venv_script: Optional[str]) -> None:
     """mpirun and srun start the ranks themselves: flags only a dsrun node agent honours are errors."""
     worker = plan.worker
-    for flag, given in (("--max_restarts", worker.max_restarts > 0), ("--bind_cores_to_rank", worker.bind_cores_to_rank),
+    for flag, given in (("--max_restarts", worker.max_restarts > 0),
+                        ("--bind_cores_to_rank", worker.bind_cores_to_rank),
                         ("--bind_core_list", bool(worker.bind_core_list)), ("--venv_script", bool(venv_script)),
                         ("--save_pid", worker.save_pid)):
         if given:

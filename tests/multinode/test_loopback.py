@@ -84,7 +84,8 @@ for pid in os.listdir("/proc"):
 dist.init_process_group("gloo")
 t = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(t)
-sys.stdout.write(f"RESULT {dist.get_rank()} {t.item()} {sum(len(os.environ[f'BIG_{i}']) for i in range(3))} leaks={leaks}\\n")
+size = sum(len(os.environ[f"BIG_{i}"]) for i in range(3))
+sys.stdout.write(f"RESULT {dist.get_rank()} {t.item()} {size} leaks={leaks}\\n")
 dist.destroy_process_group()
 """
 

@@ -62,7 +62,8 @@ def test_spec_line_round_trips_and_is_read_up_to_its_newline(tmp_path):
 def test_no_value_and_no_spec_in_any_argv(launcher):
     secret = "hf_" + "s3cr3t" * 4
     big = "x" * 300_000
-    _, p = make(launcher, environ={"HF_TOKEN": secret}, env_file_vars={"BIG": big, "MLFLOW_TRACKING_PASSWORD": "pw123456"})
+    _, p = make(launcher, environ={"HF_TOKEN": secret},
+                env_file_vars={"BIG": big, "MLFLOW_TRACKING_PASSWORD": "pw123456"})
     assert p.env["HF_TOKEN"] == secret and p.env["BIG"] == big
     words = [w for c in p.commands for w in c.argv]
     assert not any(secret in w or "pw123456" in w or "xxxx" in w or "--spec" in w for w in words)
