@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from dsrun.errors import LaunchError, UsageError
 from dsrun.launcher.spec import Command, LaunchPlan, LaunchSpec
@@ -112,11 +112,12 @@ class PdshTransport(Transport):
         return ["pdsh", "-S", "-N", "-f", str(fanout), "-w", ",".join(plan.world_info),
                 *shlex.split(self.options.launcher_args)]
 
-    def ssh_argv(self, line: str) -> List[str]:
+    def ssh_argv(self, line: str, hosts: Sequence[str] = ()) -> List[str]:
         """The ssh command the relay execs for one host (`%h`, `%u` left for pdsh), as pdsh's ssh module
-        builds it."""
+        builds it: `-l%u` only when a user was named (`-l` or `user@host`), else ~/.ssh/config decides."""
         o = self.options
-        user = ["-l%u"] if "-l" in shlex.split(o.launcher_args) else []
+        named = any(w.startswith("-l") for w in shlex.split(o.launcher_args)) or any("@" in h for h in hosts)
+        user = ["-l%u"] if named else []
         template = shlex.split(o.ssh_args) if o.ssh_args.strip() else ["-2", "-a", "-x", *user, "%h"]
         port = ["-p", str(o.ssh_port)] if o.ssh_port is not None else []
         return ["ssh", f"-oConnectTimeout={o.connect_timeout:g}", *template, *shlex.split(o.ssh_args_append),
@@ -131,7 +132,7 @@ class PdshTransport(Transport):
         line = _literal(line).replace(_NODE_RANK, "%n")
         spec_file = _literal(os.path.join(spec_dir(plan.job_id), "node-")) + "%n"
         relay = [_literal(plan.worker.python), "-m", RELAY_MODULE, spec_file]
-        argv = self._prefix(plan) + ["-R", "exec", *relay, *self.ssh_argv(line)]
+        argv = self._prefix(plan) + ["-R", "exec", *relay, *self.ssh_argv(line, list(plan.world_info))]
         return (Command(host=None, argv=tuple(argv), options=dumps_options(self.options)),)
 
     def kill_command(self, plan: LaunchPlan) -> Command:

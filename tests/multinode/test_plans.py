@@ -102,7 +102,10 @@ def test_pdsh_port_without_previous_append():
     _, p = make("pdsh", ssh_port=2200)
     kill = PdshTransport.from_options("pdsh", p.commands[0].options).kill_command(p)
     assert kill.env["PDSH_SSH_ARGS_APPEND"] == "-p 2200"
-    assert "-l%u" not in argv(p)  # as pdsh's ssh module: ~/.ssh/config's User unless -l is given
+    assert "-l%u" not in argv(p)  # as pdsh's ssh module: ~/.ssh/config's User unless a user is named
+    spec = LaunchSpec(script="t.py", resource_pool={"alice@worker-0": 1, "worker-1": 1}, launcher="pdsh",
+                      job_id="job-1", python="/usr/bin/python3")
+    assert "-l%u" in argv(plan(spec))
 
 
 @pytest.mark.parametrize("args", ["-R ssh", "-Rssh", "-t 5"])
