@@ -188,14 +188,11 @@ def test_explicit_port_in_use(box):
         assert result.exit_code == 2
 
 
-def test_without_dry_run_calls_execute(box, monkeypatch):
-    seen = []
-    fake = types.ModuleType("dsrun.launcher.execute")
-    fake.execute = lambda plan: seen.append(plan) or 3
-    monkeypatch.setitem(sys.modules, "dsrun.launcher.execute", fake)
-    result = run(box, "--num_gpus", "2", "t.py")
-    assert result.exit_code == 3
-    assert seen[0].world_size == 2 and seen[0].launcher == "local"
+def test_without_dry_run_executes(box):
+    (box.work / "t.py").write_text("import os, sys\nprint('rank', os.environ['RANK'])\nsys.exit(3)\n")
+    result = run(box, "--num_gpus", "2", "--log_dir", str(box.tmp / "logs"), "t.py")
+    assert result.exit_code == 3, result.output
+    assert json.loads((box.tmp / "logs" / "failure.json").read_text())["root_cause"]["exitcode"] == 3
 
 
 # -- real processes: the entry point as users run it --
