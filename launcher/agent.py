@@ -1,8 +1,8 @@
 """The node agent: spawns this node's ranks, streams their output, supervises and tears them down.
 
 One `NodeAgent` gets one `AgentSpec` (launcher/spec.py) and nothing else. `dsrun` runs it in process
-for local and `--no_ssh` jobs; multi-node transports run `python -u -m dsrun.launcher.agent --spec
-<AgentSpec.to_b64()> [--lifeline stdin]` on each node.
+for local and `--no_ssh` jobs; multi-node transports run `python -u -m dsrun.launcher.agent --job_id
+ID [--lifeline stdin]` on each node and write the spec as the first line of its stdin (`main`).
 
 Lifecycle of one attempt: install signal handlers (before anything is spawned), start supervising the
 job's process tree (launcher/jobtree.py: a job cgroup where the system allows it, [Note: job cgroup],
@@ -589,16 +589,30 @@ def _unlink(path: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """`python -m dsrun.launcher.agent --spec <b64> [--lifeline stdin]`: run one node's ranks."""
+    """`python -m dsrun.launcher.agent --job_id ID [--node_rank N] [--lifeline stdin]`: run one node's
+    ranks. The `AgentSpec` arrives as the first line of stdin (JSON), never in argv ([Note: spec on
+    stdin] in launcher/transports/common.py); `--node_rank` replaces the spec's (pdsh's `%n`)."""
+    from dataclasses import replace
+
+    from dsrun.launcher.transports.common import read_spec_line
+
     parser = argparse.ArgumentParser(prog="python -m dsrun.launcher.agent", description=main.__doc__)
-    parser.add_argument("--spec", required=True, help="AgentSpec.to_b64()")
+    parser.add_argument("--job_id", required=True, help="the job this agent belongs to (what --kill matches)")
+    parser.add_argument("--node_rank", type=int, default=None, help="this node's rank; default: the spec's")
     parser.add_argument("--lifeline", choices=["stdin"], default=None,
-                        help="tear everything down when stdin reaches EOF (the driver's connection dropped)")
+                        help="after the spec line, tear everything down when stdin reaches EOF (the driver "
+                             "is gone)")
     args = parser.parse_args(argv)
     try:
-        spec = AgentSpec.from_b64(args.spec)
-    except (ValueError, TypeError, KeyError) as e:
-        print(f"dsrun agent: bad --spec: {e}", file=sys.stderr)
+        spec = AgentSpec.from_json(read_spec_line(0))
+        if spec.job_id != args.job_id:
+            raise ValueError(f"the spec is for job {spec.job_id!r}, not --job_id {args.job_id!r}")
+        if args.node_rank is not None:
+            if not 0 <= args.node_rank < len(spec.world_info):
+                raise ValueError(f"--node_rank {args.node_rank} is outside 0..{len(spec.world_info) - 1}")
+            spec = replace(spec, node_rank=args.node_rank)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        print(f"dsrun agent: bad launch spec on stdin: {e}", file=sys.stderr)
         return 2
     try:
         return NodeAgent(spec, lifeline_fd=0 if args.lifeline == "stdin" else None, emit_marker=True).run()

@@ -2,7 +2,9 @@
 
 A `FailureReport` is written as `failure.json` into the job's log folder, and a node agent prints it
 once more as the last line of its stdout, `@@dsrun-failure@@ <json>`, so that a multi-node driver can
-merge the reports of every node and pick the earliest failure (`root_cause.timestamp`) as the job's.
+merge the reports of every node (`from_dict`, launcher/transports/common.py `JobOutcome`) and pick the
+earliest failure (`root_cause.timestamp`) as the job's; it writes the merged `failure.json` on the
+launching machine and prints it with the same renderer (launcher/output.py).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import List, Optional, Tuple
 
 from dsrun.launcher.procs import signal_name
@@ -75,6 +77,12 @@ class RankFailure:
         data["hint"] = self.hint
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "RankFailure":
+        """Inverse of `to_dict` (derived keys such as `time` and `hint` are dropped; unknown ones too)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
 
 @dataclass
 class FailureReport:
@@ -82,11 +90,13 @@ class FailureReport:
 
     job_id: str
     host: str
-    node_rank: int
+    node_rank: Optional[int]  # None for the job-level report a multi-node driver writes
     failures: List[RankFailure] = field(default_factory=list)
     terminated: List[dict] = field(default_factory=list)  # ranks we stopped: {rank, pid, how}
     signal: Optional[str] = None  # a signal that dsrun itself received, if that ended the job
     exitcode: int = 0
+    # Multi-node jobs: nodes that ended without an agent report: {host, node_rank, status, reason}.
+    lost_nodes: List[dict] = field(default_factory=list)
 
     def ordered(self) -> List[RankFailure]:
         """Root cause first: the earliest failure, ties broken by rank."""
@@ -108,7 +118,16 @@ class FailureReport:
             "root_cause": ordered[0].to_dict() if ordered else None,
             "failures": [f.to_dict() for f in ordered],
             "terminated": list(self.terminated),
+            "lost_nodes": list(self.lost_nodes),
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FailureReport":
+        """Inverse of `to_dict`: what a multi-node driver reads from an agent's marker line."""
+        return cls(job_id=data.get("job_id", ""), host=data.get("host", ""), node_rank=data.get("node_rank"),
+                   failures=[RankFailure.from_dict(f) for f in data.get("failures") or []],
+                   terminated=list(data.get("terminated") or []), signal=data.get("signal"),
+                   exitcode=data.get("exitcode", 0), lost_nodes=list(data.get("lost_nodes") or []))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=False)

@@ -140,6 +140,9 @@ def render_failure(report: FailureReport, record_path: Optional[str] = None) -> 
         if len(ordered) > 1:
             lines.append("Other failed ranks:")
             lines.extend(f"  {_describe(f)}" for f in ordered[1:])
+    for node in report.lost_nodes:
+        lines.append(f"Node {node.get('host')} (node_rank {node.get('node_rank')}) ended without a report: "
+                     f"{node.get('reason')}")
     if report.signal:
         lines.append(f"dsrun received {report.signal}; the job was stopped")
     if report.terminated:
@@ -161,11 +164,13 @@ def print_failure(report: FailureReport, record_path: Optional[str] = None, stre
             from rich.console import Console
             from rich.panel import Panel
             from rich.text import Text
-            title = f"dsrun: job {report.job_id} failed" if report.failures else f"dsrun: job {report.job_id} stopped"
+            failed = report.failures or report.lost_nodes
+            title = f"dsrun: job {report.job_id} failed" if failed else f"dsrun: job {report.job_id} stopped"
             Console(file=stream, force_terminal=True, soft_wrap=False).print(
                 Panel(Text(text), title=title, border_style="red", expand=False))
         else:
-            stream.write(f"dsrun: job {report.job_id} {'FAILED' if report.failures else 'STOPPED'}\n{text}\n")
+            failed = report.failures or report.lost_nodes
+            stream.write(f"dsrun: job {report.job_id} {'FAILED' if failed else 'STOPPED'}\n{text}\n")
         stream.flush()
     except (BrokenPipeError, ValueError):
         pass

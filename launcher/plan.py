@@ -163,5 +163,5 @@ def _multinode_commands(spec: LaunchSpec, draft: LaunchPlan) -> Tuple[Command, .
 
 def _as_command(item) -> Command:
     if isinstance(item, Command):
-        return Command(host=item.host, argv=tuple(item.argv), env=dict(item.env))
+        return Command(host=item.host, argv=tuple(item.argv), env=dict(item.env), options=dict(item.options))
     return Command(host=item.get("host"), argv=tuple(item["argv"]), env=dict(item.get("env") or {}))

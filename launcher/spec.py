@@ -4,9 +4,10 @@
 `AgentSpec` per node of the job (this node only for local and `--no_ssh`). ssh and pdsh start an agent
 from each; the MPI family and slurm start workers directly through `commands` (transports/mpi_worker.py)
 and read only the shared fields (env, worker options, master) from the specs. A node
-agent (`launcher/agent.py`) is given exactly one `AgentSpec` (in process for local runs; as JSON, base64
-in argv, for remote ones) and needs nothing else: it spawns `len(world_info[host])` ranks with the
-worker environment of shared/design.md, supervises them and tears them down.
+agent (`launcher/agent.py`) is given exactly one `AgentSpec` (in process for local runs; as one JSON
+line on its stdin for remote ones, see [Note: spec on stdin] in transports/common.py) and needs
+nothing else: it spawns `len(world_info[host])` ranks with the worker environment of
+shared/design.md, supervises them and tears them down.
 Every type here is frozen and round-trips through JSON.
 """
 from __future__ import annotations
@@ -138,6 +139,8 @@ class AgentSpec:
         return cls(worker=WorkerOptions(**worker), **raw)
 
     def to_b64(self) -> str:
+        """Base64 JSON, for plan.py's placeholder command only: transports never put a spec in argv
+        (its env may hold secrets, and argv is world-readable in /proc)."""
         return base64.urlsafe_b64encode(self.to_json().encode()).decode()
 
     @classmethod
@@ -152,6 +155,9 @@ class Command:
     host: Optional[str]
     argv: Tuple[str, ...]
     env: Dict[str, str] = field(default_factory=dict)  # extra variables for this process only
+    # The transport's typed settings for running this command (e.g. `SshOptions` as a dict); never
+    # printed and never sent anywhere. The executor rebuilds its transport from them.
+    options: Dict[str, object] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,11 @@ class LaunchPlan:
         return sum(len(slots) for slots in self.world_info.values())
 
     def to_dry_run(self) -> dict:
+        """The `--dry_run` JSON; values of secret-looking variables print as `***` (launcher/redact.py),
+        in `env` and inside `commands`."""
+        from dsrun.launcher.redact import mask_argv, mask_env
+
+        secrets = {**self.env, **{k: v for c in self.commands for k, v in c.env.items()}}
         return {
             "world_info": {host: list(slots) for host, slots in self.world_info.items()},
             "world_size": self.world_size,
@@ -181,8 +192,8 @@ class LaunchPlan:
             "master_port": self.master_port,
             "launcher": self.launcher,
             "node_rank": self.node_rank,
-            "commands": [{"host": c.host, "argv": list(c.argv)} for c in self.commands],
-            "env": dict(self.env),
+            "commands": [{"host": c.host, "argv": mask_argv(c.argv, secrets)} for c in self.commands],
+            "env": mask_env(self.env),
             "job_id": self.job_id,
         }
 

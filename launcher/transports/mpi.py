@@ -12,13 +12,17 @@ host (`-ppn`), so `validate_resources` rejects what they cannot express, before 
 from __future__ import annotations
 
 import shlex
-from typing import Dict, List, Mapping, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from dsrun.errors import UsageError
-from dsrun.launcher.spec import Command, LaunchPlan, WorkerOptions, encode_world_info
+from dsrun.launcher.spec import Command, LaunchPlan, LaunchSpec, WorkerOptions, encode_world_info
+from dsrun.launcher.transports.base import Transport
+from dsrun.launcher.transports.common import dumps_options
+from dsrun.launcher.transports.scheduler import run_scheduler
 
 __all__ = ["MPI_LAUNCHERS", "WORLD_INFO_ENV", "validate_resources", "worker_env", "shim_argv",
-           "openmpi_command", "hydra_command", "mpi_command"]
+           "openmpi_command", "hydra_command", "MpiOptions", "MpiTransport", "reject_agent_flags"]
 
 MPI_LAUNCHERS = ("openmpi", "mpich", "impi", "mvapich")
 WORLD_INFO_ENV = "DSRUN_WORLD_INFO"
@@ -96,7 +100,54 @@ def hydra_command(plan: LaunchPlan, launcher_args: str, launcher: str) -> Comman
     return Command(host=None, argv=tuple(argv + shim_argv(plan.worker)), env=env)
 
 
-def mpi_command(plan: LaunchPlan, launcher: str, launcher_args: str) -> Tuple[Command, ...]:
-    if launcher == "openmpi":
-        return (openmpi_command(plan, launcher_args),)
-    return (hydra_command(plan, launcher_args, launcher),)
+def reject_agent_flags(name: str, plan: LaunchPlan, venv_script: Optional[str]) -> None:
+    """mpirun and srun start the ranks themselves: flags only a dsrun node agent honours are errors."""
+    worker = plan.worker
+    for flag, given in (("--max_restarts", worker.max_restarts > 0),
+                        ("--bind_cores_to_rank", worker.bind_cores_to_rank),
+                        ("--bind_core_list", bool(worker.bind_core_list)), ("--venv_script", bool(venv_script)),
+                        ("--save_pid", worker.save_pid)):
+        if given:
+            raise UsageError(f"{flag} is not supported with --launcher {name}: {name} starts the ranks itself",
+                             where=flag, hint="use --launcher ssh or pdsh, or pass the launcher's own option "
+                                              "(e.g. mpirun --bind-to, srun --cpu-bind) through --launcher_args")
+
+
+@dataclass(frozen=True)
+class MpiOptions:
+    launcher: str = "openmpi"  # one of MPI_LAUNCHERS
+    launcher_args: str = ""
+    venv_script: Optional[str] = None  # only to reject it
+
+
+class MpiTransport(Transport):
+    """`--launcher openmpi|mpich|impi|mvapich`: one `mpirun` in the foreground."""
+
+    name = "mpi"
+
+    def __init__(self, options: MpiOptions):
+        self.options = options
+
+    @classmethod
+    def from_spec(cls, spec: LaunchSpec, launcher: str) -> "MpiTransport":
+        return cls(MpiOptions(launcher=launcher, launcher_args=spec.launcher_args, venv_script=spec.venv_script))
+
+    @classmethod
+    def from_options(cls, launcher: str, options: Mapping[str, object]) -> "MpiTransport":
+        return cls(MpiOptions(**options))
+
+    def validate(self, plan: LaunchPlan) -> None:
+        launcher = self.options.launcher
+        validate_resources(launcher, plan.world_info, same_count=launcher != "openmpi")
+        reject_agent_flags(launcher, plan, self.options.venv_script)
+
+    def commands(self, plan: LaunchPlan) -> Tuple[Command, ...]:
+        o = self.options
+        if o.launcher == "openmpi":
+            command = openmpi_command(plan, o.launcher_args)
+        else:
+            command = hydra_command(plan, o.launcher_args, o.launcher)
+        return (Command(host=None, argv=command.argv, env=command.env, options=dumps_options(o)),)
+
+    def run(self, plan: LaunchPlan) -> int:
+        return run_scheduler(plan.commands[0], plan.worker.grace_period)

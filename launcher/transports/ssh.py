@@ -1,52 +1,55 @@
 """The ssh transport (paramiko): one session per node runs that node's agent, with a stdin lifeline.
 
-Plan side (pure): `ssh_command()` renders a node's launch as an OpenSSH-style argv, `ssh [-p P] -o
-BatchMode=yes -o ConnectTimeout=T -o StrictHostKeyChecking=yes|accept-new HOST LINE`, which is what
-`--dry_run` shows and what an OpenSSH client would also run. `Command.env` carries the transport's
-own setting `DSRUN_SSH_MAX_PARALLEL` (never sent to the remote side).
+Plan side (pure): `SshTransport.commands()` renders a node's launch as an OpenSSH-style argv, `ssh
+[-p P] [-i KEY] -o BatchMode=yes -o ConnectTimeout=T -o StrictHostKeyChecking=yes|accept-new HOST
+LINE`, which is what `--dry_run` shows and what an OpenSSH client would also run; the typed
+`SshOptions` ride in `Command.options` for the run side.
 
-Run side: `run_ssh(commands, ...)` connects to every host in parallel (at most `max_parallel`
+Run side: `SshTransport.run(plan)` connects to every host in parallel (at most `max_parallel`
 handshakes at once), reads `~/.ssh/config` (HostName, Port, User, IdentityFile, UserKnownHostsFile),
 checks host keys against known_hosts, and only then starts every agent, so a launch either starts
-on all nodes or on none. One `LaunchError` lists every host that failed to connect.
+on all nodes or on none. One `LaunchError` lists every host that failed to connect. Each agent then
+gets its spec as one line on its stdin ([Note: spec on stdin] in common.py).
 
-[Note: ssh lifeline] Each agent runs with `--lifeline stdin`, and we never write to the channel.
-When dsrun exits, is killed, or the connection drops, the channel closes, the agent reads EOF and
-tears down its own ranks (job-scoped: nothing is killed by name). When one node fails, we send EOF
-(`shutdown_write`) to every other node, wait one grace period (plus a margin) for their agents to
-report and exit, then close what is left.
+[Note: ssh lifeline] Each agent runs with `--lifeline stdin`, and after the spec line we never write
+to the channel again. When dsrun exits, is killed, or the connection drops, the channel closes, the
+agent reads EOF and tears down its own ranks (job-scoped: nothing is killed by name). When one node
+fails, we send EOF (`shutdown_write`) to every other node, wait one grace period (plus a margin) for
+their agents to report and exit, then close what is left.
 """
 from __future__ import annotations
 
 import getpass
 import os
 import queue
-import signal
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-from dsrun.errors import LaunchError
-from dsrun.launcher.spec import Command
-from dsrun.launcher.transports.common import (LinePump, NodeFailure, exit_code_of, render_summary,
-                                              root_cause_of, stderr_bytes, stdout_bytes)
+from dsrun.errors import LaunchError, UsageError
+from dsrun.launcher.spec import AgentSpec, Command, LaunchPlan, LaunchSpec
+from dsrun.launcher.transports.base import Transport
+from dsrun.launcher.transports.common import (JobOutcome, LinePump, SignalTrap, agent_argv, dumps_options,
+                                              remote_line, spec_line, stderr_bytes, stdout_bytes)
 
-__all__ = ["SshOptions", "ssh_command", "parse_ssh_command", "HostTarget", "resolve_target", "run_ssh"]
+__all__ = ["SshOptions", "SshTransport", "ssh_command", "HostTarget", "resolve_target", "connect_all"]
 
-MAX_PARALLEL_ENV = "DSRUN_SSH_MAX_PARALLEL"
 TEARDOWN_MARGIN_S = 10.0
 
 
 @dataclass(frozen=True)
 class SshOptions:
+    """How the ssh transport connects; built from the `--ssh_*` flags, never from an argv."""
+
     port: Optional[int] = None  # --ssh_port; overrides ~/.ssh/config's Port, as `ssh -p` does
     connect_timeout: float = 10.0  # TCP connect, banner and authentication, each
-    accept_unknown_hosts: bool = False
-    max_parallel: int = 64
+    accept_unknown_hosts: bool = False  # OpenSSH's accept-new: record unknown keys, refuse changed ones
+    max_parallel: int = 64  # handshakes in flight at once
+    identity_file: Optional[str] = None  # overrides ~/.ssh/config's IdentityFile
+    venv_script: Optional[str] = None  # sourced on each node before the agent starts
 
 
 def ssh_command(host: str, line: str, options: SshOptions) -> Command:
@@ -54,33 +57,48 @@ def ssh_command(host: str, line: str, options: SshOptions) -> Command:
     argv = ["ssh"]
     if options.port is not None:
         argv += ["-p", str(options.port)]
+    if options.identity_file:
+        argv += ["-i", options.identity_file]
     argv += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={options.connect_timeout:g}",
              "-o", "StrictHostKeyChecking=" + ("accept-new" if options.accept_unknown_hosts else "yes"),
              host, line]
-    return Command(host=host, argv=tuple(argv), env={MAX_PARALLEL_ENV: str(options.max_parallel)})
+    return Command(host=host, argv=tuple(argv), options=dumps_options(options))
 
 
-def parse_ssh_command(command: Command) -> Tuple[str, str, SshOptions]:
-    """Inverse of `ssh_command`: (host, remote line, options)."""
-    argv = list(command.argv)
-    assert argv and argv[0] == "ssh", f"not an ssh command: {argv}"
-    port, timeout, accept = None, 10.0, False
-    i = 1
-    while i < len(argv) - 2:
-        flag, value = argv[i], argv[i + 1]
-        if flag == "-p":
-            port = int(value)
-        elif flag == "-o":
-            key, _, val = value.partition("=")
-            if key == "ConnectTimeout":
-                timeout = float(val)
-            elif key == "StrictHostKeyChecking":
-                accept = val == "accept-new"
-        i += 2
-    host, line = argv[-2], argv[-1]
-    options = SshOptions(port=port, connect_timeout=timeout, accept_unknown_hosts=accept,
-                         max_parallel=int(command.env.get(MAX_PARALLEL_ENV, "64")))
-    return host, line, options
+class SshTransport(Transport):
+    """`--launcher ssh`: one paramiko session and agent per node."""
+
+    name = "ssh"
+
+    def __init__(self, options: SshOptions):
+        self.options = options
+
+    @classmethod
+    def from_spec(cls, spec: LaunchSpec, launcher: str = "ssh") -> "SshTransport":
+        if spec.launcher_args.strip():
+            raise UsageError("--launcher_args is not used by the ssh launcher", where="--launcher_args",
+                             hint="put ssh options in ~/.ssh/config, or use --launcher pdsh with --launcher_args")
+        return cls(SshOptions(port=spec.ssh_port, connect_timeout=spec.ssh_connect_timeout,
+                              accept_unknown_hosts=spec.ssh_accept_unknown_hosts,
+                              max_parallel=spec.ssh_max_parallel, venv_script=spec.venv_script))
+
+    @classmethod
+    def from_options(cls, launcher: str, options: Mapping[str, object]) -> "SshTransport":
+        return cls(SshOptions(**options))
+
+    def validate(self, plan: LaunchPlan) -> None:
+        if len(plan.agents) != len(plan.world_info):
+            raise UsageError(f"ssh needs one agent per host, got {len(plan.agents)} for {len(plan.world_info)} "
+                             "hosts", where="--launcher")
+
+    def line(self, agent: AgentSpec) -> str:
+        return remote_line(agent.cwd, agent_argv(agent.worker.python, agent.job_id), self.options.venv_script)
+
+    def commands(self, plan: LaunchPlan) -> Tuple[Command, ...]:
+        return tuple(ssh_command(agent.host, self.line(agent), self.options) for agent in plan.agents)
+
+    def run(self, plan: LaunchPlan) -> int:
+        return run_ssh(plan, self.options, [self.line(agent) for agent in plan.agents])
 
 
 @dataclass(frozen=True)
@@ -110,7 +128,8 @@ def resolve_target(host: str, options: SshOptions, config_path: Optional[str] = 
     known_files = [os.path.expanduser(p) for p in known.split()] if known else [
         os.path.join(os.path.expanduser("~"), ".ssh", "known_hosts")]
     known_files.append("/etc/ssh/ssh_known_hosts")
-    keys = tuple(os.path.expanduser(p) for p in entry.get("identityfile", []) if os.path.exists(os.path.expanduser(p)))
+    wanted = [options.identity_file] if options.identity_file else entry.get("identityfile", [])
+    keys = tuple(os.path.expanduser(p) for p in wanted if os.path.exists(os.path.expanduser(p)))
     return HostTarget(host=host, hostname=entry.get("hostname", host),
                       port=options.port if options.port is not None else int(entry.get("port", 22)),
                       user=entry.get("user") or getpass.getuser(), key_filenames=keys,
@@ -204,100 +223,76 @@ def connect_all(hosts: Sequence[str], options: SshOptions) -> Dict[str, object]:
 
 
 class _RemoteAgent:
-    """One node's running agent: its channel, output pumps and exit-status waiter."""
+    """One node's running agent: its channel, spec feeder, output pumps and exit-status waiter."""
 
-    def __init__(self, index, host, client, line, lock, events):
-        self.index, self.host, self.client = index, host, client
+    def __init__(self, index: int, spec: AgentSpec, client, line: str, lock, events, outcome: JobOutcome):
+        self.index, self.host, self.client = index, spec.host, client
         self.channel = client.get_transport().open_session()
         self.channel.exec_command(line)
-        self.stdout = LinePump(self.channel.makefile("rb"), stdout_bytes(), lock, name=f"out-{host}")
-        self.stderr = LinePump(self.channel.makefile_stderr("rb"), stderr_bytes(), lock, name=f"err-{host}")
+        self.stdout = LinePump(self.channel.makefile("rb"), stdout_bytes(), lock, on_report=outcome.add_report,
+                               name=f"out-{self.host}")
+        self.stderr = LinePump(self.channel.makefile_stderr("rb"), stderr_bytes(), lock, name=f"err-{self.host}")
         self.stdout.start()
         self.stderr.start()
+        # Written from a thread: a large spec blocks until the remote agent reads it, and nodes start
+        # in parallel. After it, nothing more is written ([Note: ssh lifeline]).
+        self.feeder = threading.Thread(target=self._feed, args=(spec_line(spec),), daemon=True,
+                                       name=f"spec-{self.host}")
+        self.feeder.start()
         self.waiter = threading.Thread(target=lambda: events.put((index, self.channel.recv_exit_status())),
-                                       daemon=True, name=f"wait-{host}")
+                                       daemon=True, name=f"wait-{self.host}")
         self.waiter.start()
 
-    def send_eof(self):
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.channel.sendall(data)
+        except Exception:  # noqa: BLE001 - the session ended first; its exit status tells why
+            pass
+
+    def send_eof(self) -> None:
         try:
             self.channel.shutdown_write()
         except Exception:  # noqa: BLE001 - already closed is fine
             pass
 
-    def close(self):
+    def close(self) -> None:
         try:
             self.channel.close()
         finally:
             self.client.close()
 
-    def record(self) -> Optional[dict]:
+    def finished_output(self) -> None:
         self.stdout.join(2.0)
-        return self.stdout.records[-1] if self.stdout.records else None
+        self.stderr.join(0.5)
 
 
-class _SignalTrap:
-    """Turns SIGINT/SIGTERM/SIGHUP into a flag for the supervision loop (main thread only)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = self.signum or signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-
-def run_ssh(commands: Sequence[Command], *, job_id: str, grace_period: float) -> int:
-    """Start every command's agent over ssh, supervise them all, and return the job's exit code."""
-    parsed = [parse_ssh_command(c) for c in commands]
-    options = parsed[0][2]
-    hosts = [host for host, _, _ in parsed]
+def run_ssh(plan: LaunchPlan, options: SshOptions, lines: Sequence[str]) -> int:
+    """Start every node's agent over ssh, supervise them all, and return the job's exit code."""
+    hosts = [agent.host for agent in plan.agents]
     clients = connect_all(hosts, options)
     lock = threading.Lock()
     events: "queue.Queue[Tuple[int, int]]" = queue.Queue()
+    outcome = JobOutcome(plan)
     agents: List[_RemoteAgent] = []
-    with _SignalTrap() as trap:
+    with SignalTrap() as trap:
         try:
-            for index, (host, line, _) in enumerate(parsed):
-                agents.append(_RemoteAgent(index, host, clients[host], line, lock, events))
+            for index, (spec, line) in enumerate(zip(plan.agents, lines)):
+                agents.append(_RemoteAgent(index, spec, clients[spec.host], line, lock, events, outcome))
         except Exception as exc:  # noqa: BLE001
             for agent in agents:
                 agent.send_eof()
             for client in clients.values():
                 client.close()
             raise LaunchError(f"could not start the agent on {hosts[len(agents)]}: {exc}") from exc
-        failures = _supervise(agents, events, trap, grace_period)
+        _supervise(agents, events, trap, plan.worker.grace_period, outcome)
         for agent in agents:
             agent.close()
-    if trap.signum:
-        print(f"dsrun: received signal {trap.signum}; every node was told to stop", flush=True,
-              file=sys.stderr)
-    if not failures:
-        return 128 + trap.signum if trap.signum else 0
-    root = root_cause_of(failures)
-    print(render_summary(job_id, failures, root), file=sys.stderr, flush=True)
-    if trap.signum:
-        return 128 + trap.signum
-    if root:
-        return exit_code_of(root)
-    first = next((f for f in failures if f.before_teardown), failures[0])
-    return first.exit_status if first.exit_status and first.exit_status > 0 else 1
+    return outcome.finish(trap.signum)
 
 
-def _supervise(agents, events, trap, grace_period) -> List[NodeFailure]:
+def _supervise(agents: List[_RemoteAgent], events, trap: SignalTrap, grace_period: float,
+               outcome: JobOutcome) -> None:
     pending = {a.index for a in agents}
-    failures: List[NodeFailure] = []
     teardown_at = None
     forced = False
     while pending:
@@ -306,26 +301,24 @@ def _supervise(agents, events, trap, grace_period) -> List[NodeFailure]:
         try:
             index, status = events.get(timeout=0.1)
         except queue.Empty:
-            if teardown_at is not None and not forced and time.monotonic() > teardown_at + grace_period + TEARDOWN_MARGIN_S:
+            if (teardown_at is not None and not forced
+                    and time.monotonic() > teardown_at + grace_period + TEARDOWN_MARGIN_S):
                 forced = True  # the agents had their grace period; drop the connections (lifeline)
                 for i in pending:
                     agents[i].close()
             continue
         pending.discard(index)
         agent = agents[index]
-        if status == 0:
-            continue
-        failure = NodeFailure(host=agent.host, exit_status=None if status < 0 else status, record=agent.record(),
-                              observed_at=time.time(), before_teardown=teardown_at is None)
-        if status < 0:
-            failure.notes.append("the ssh session closed without an exit status")
-        failures.append(failure)
-        if teardown_at is None:
-            teardown_at = _teardown(agents, pending)
-    return failures
+        agent.finished_output()
+        if status != 0 and teardown_at is None:
+            if not outcome.has_report(agent.host):
+                why = "the ssh session closed without an exit status" if status < 0 else \
+                    f"the agent exited with {status} before reporting (its message is above)"
+                outcome.node_lost(agent.host, None if status < 0 else status, why)
+            teardown_at = _teardown(agents, pending)  # a node ended badly: the others cannot go on
 
 
-def _teardown(agents, pending) -> float:
+def _teardown(agents: List[_RemoteAgent], pending) -> float:
     for i in pending:
         agents[i].send_eof()
     return time.monotonic()

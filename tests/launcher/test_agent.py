@@ -118,8 +118,8 @@ def test_user_args_reach_the_script_unchanged_in_process(tmp_path):
 
 def test_user_args_reach_the_script_through_the_module_entry(tmp_path):
     spec = make_spec(tmp_path, "echo", *ODD_ARGS, nproc=1)
-    proc = subprocess.run([sys.executable, "-m", "dsrun.launcher.agent", "--spec", spec.to_b64()],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "dsrun.launcher.agent", "--job_id", spec.job_id],
+                          input=spec.to_json() + "\n", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.split(" ", 2)[2]) == ["--local_rank=0", "echo", *ODD_ARGS]
 
@@ -167,8 +167,8 @@ def test_exit_code_is_the_root_cause_ranks(tmp_path, args, code, signame):
 
 def test_module_entry_prints_the_failure_marker_last(tmp_path):
     spec = make_spec(tmp_path, "exit", "1", "3")
-    proc = subprocess.run([sys.executable, "-m", "dsrun.launcher.agent", "--spec", spec.to_b64()],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "dsrun.launcher.agent", "--job_id", spec.job_id],
+                          input=spec.to_json() + "\n", capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3
     last = proc.stdout.splitlines()[-1]
     assert last.startswith(FAILURE_MARKER + " ")

@@ -17,13 +17,12 @@ DRY_RUN_KEYS = {"world_info", "world_size", "master_addr", "master_port", "launc
 
 @pytest.fixture
 def box(tmp_path, monkeypatch):
-    """An isolated working directory and HOME, no GPUs, no default hostfile, no real multinode module."""
+    """An isolated working directory and HOME, no GPUs, no default hostfile."""
     work = tmp_path / "work"
     home = tmp_path / "home"
     work.mkdir()
     home.mkdir()
     monkeypatch.chdir(work)
-    monkeypatch.setitem(sys.modules, "dsrun.launcher.multinode", types.ModuleType("dsrun.launcher.multinode"))
     env = {"CUDA_VISIBLE_DEVICES": "", "DLTS_HOSTFILE": str(tmp_path / "no-hostfile"), "HOME": str(home),
            "DS_ENV_FILE": None, "PYTHONPATH": None}
     return types.SimpleNamespace(work=work, home=home, env=env, tmp=tmp_path)
@@ -65,10 +64,16 @@ def test_dry_run_shape_local(box):
 
 
 def test_dry_run_multinode(box):
-    out = dry(box, "-H", hostfile(box), "--launcher_arg", "-mca btl_tcp_if_include eth1", "train.py")
+    out = dry(box, "-H", hostfile(box), "train.py")
     assert out["world_info"] == {"worker-0": [0, 1], "worker-1": [0, 1]}
     assert out["launcher"] == "ssh" and out["master_addr"] == "worker-0" and out["master_port"] == 29500
     assert [c["host"] for c in out["commands"]] == ["worker-0", "worker-1"]
+    assert all(c["argv"][0] == "ssh" and f"--job_id {out['job_id']}" in c["argv"][-1] for c in out["commands"])
+    mpi = dry(box, "-H", hostfile(box), "--launcher", "openmpi", "--launcher_arg", "-mca btl_tcp_if_include eth1",
+              "train.py")
+    assert "eth1" in mpi["commands"][0]["argv"] and "eth0" not in mpi["commands"][0]["argv"]
+    result = run(box, "--dry_run", "-H", hostfile(box), "--launcher_args", "-o X=y", "train.py")
+    assert result.exit_code == 2 and "--launcher_args: --launcher_args is not used by the ssh launcher" in result.stderr
 
 
 @pytest.mark.parametrize("flag", ["--num_gpus", "--num-gpus", "--num_g", "--num-g", "--num_accelerators",
@@ -183,14 +188,11 @@ def test_explicit_port_in_use(box):
         assert result.exit_code == 2
 
 
-def test_without_dry_run_calls_execute(box, monkeypatch):
-    seen = []
-    fake = types.ModuleType("dsrun.launcher.execute")
-    fake.execute = lambda plan: seen.append(plan) or 3
-    monkeypatch.setitem(sys.modules, "dsrun.launcher.execute", fake)
-    result = run(box, "--num_gpus", "2", "t.py")
-    assert result.exit_code == 3
-    assert seen[0].world_size == 2 and seen[0].launcher == "local"
+def test_without_dry_run_executes(box):
+    (box.work / "t.py").write_text("import os, sys\nprint('rank', os.environ['RANK'])\nsys.exit(3)\n")
+    result = run(box, "--num_gpus", "2", "--log_dir", str(box.tmp / "logs"), "t.py")
+    assert result.exit_code == 3, result.output
+    assert json.loads((box.tmp / "logs" / "failure.json").read_text())["root_cause"]["exitcode"] == 3
 
 
 # -- real processes: the entry point as users run it --

@@ -30,8 +30,16 @@ def make_spec(tmp_path, *script_args, nproc=2, **worker_kw):
 
 
 def start_agent(spec, *extra, stdin=subprocess.DEVNULL):
-    return subprocess.Popen([sys.executable, "-m", "dsrun.launcher.agent", "--spec", spec.to_b64(), *extra],
-                            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """The agent as transports start it: the spec as one line on stdin, which stays open only when the
+    caller asks for a pipe (a lifeline)."""
+    proc = subprocess.Popen([sys.executable, "-m", "dsrun.launcher.agent", "--job_id", spec.job_id, *extra],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write(spec.to_json() + "\n")
+    proc.stdin.flush()
+    if stdin is not subprocess.PIPE:
+        proc.stdin.close()
+        proc.stdin = None
+    return proc
 
 
 def wait_for_pids(tmp_path, nproc=2, timeout=30.0):

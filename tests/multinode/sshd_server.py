@@ -76,7 +76,15 @@ class LoopbackSshd:
             f.write(f"Port {self.port}\n{listen}HostKey {host_key}\nPidFile {self.workdir}/sshd.pid\n"
                     f"AuthorizedKeysFile {authorized}\nPermitRootLogin yes\nStrictModes no\nUsePAM no\n"
                     "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-                    f"MaxStartups 200:30:400\nMaxSessions 200\nLogLevel ERROR\nSubsystem sftp internal-sftp\n")
+                    f"MaxStartups 200:30:400\nMaxSessions 200\nLogLevel ERROR\nSubsystem sftp internal-sftp\n"
+                    + self._session_env())
+
+    @staticmethod
+    def _session_env():
+        # Remote agents must import the dsrun under test: a source checkout run with PYTHONPATH (not
+        # installed) is only found by the "nodes" if their sessions get the same PYTHONPATH.
+        path = os.environ.get("PYTHONPATH")
+        return f"SetEnv PYTHONPATH={path}\n" if path and " " not in path else ""
 
     def _write_client_files(self, host_key):
         user = getpass.getuser()
