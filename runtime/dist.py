@@ -7,6 +7,7 @@ timeout is `$DEEPSPEED_TIMEOUT` minutes (default 10), as in DeepSpeed. `os.envir
 """
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from datetime import timedelta
@@ -80,5 +81,10 @@ def init_distributed(dist_backend: Optional[str] = None, auto_mpi_discovery: boo
         torch.cuda.set_device(env_local % torch.cuda.device_count())
     if init_method is None:
         init_method = f"tcp://{addr}:{port}"
+    from .rank_errors import install_excepthook
+    from .teardown import ensure_registered
+    install_excepthook()
+    importlib.import_module("torch.distributed._shard")  # imported first, it cannot pin the group ([Note: teardown at exit])
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                             timeout=timeout or default_timeout())
+    ensure_registered()  # process groups are destroyed before the interpreter finalises ([Note: teardown at exit])

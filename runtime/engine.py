@@ -71,6 +71,8 @@ class Engine:
         self._grad_norm: Optional[float] = None
         self._boundary_override: Optional[bool] = None
         self._check_supported(config)
+        from .teardown import track_engine
+        track_engine(self)  # destroyed at exit before the process groups ([Note: teardown at exit])
 
         # 1. placement
         model.to(self.device)

@@ -83,6 +83,8 @@ def _excepthook(previous):
             _write_fd2(f"dsrun: error{_rank_prefix()}: {exc.render()}\n")
             _flush_std_streams()
             os._exit(exc.exit_code)  # sys.exit inside an excepthook would not change the exit status
+        from .teardown import note_uncaught
+        note_uncaught(exc_type)  # the exit teardown then leaves at once ([Note: teardown at exit])
         previous(exc_type, exc, tb)
     hook._dsrun = True
     return hook
