@@ -1,0 +1,50 @@
+"""The hang watchdog on real gloo ranks: a rank made to sleep in the middle of a step is named, with its
+stack, within the limit, and nobody is killed."""
+import os
+import time
+
+from tests.runtime._dist import run_ranks
+
+TIMEOUT_S = 2.0
+SLEEP_S = 7.0
+
+
+def _sleepy(rank, world_size, outdir):
+    import torch
+
+    import dsrun
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 1)
+    cfg = {"train_batch_size": 4, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "steps_per_print": 0,
+           "hang_watchdog": {"timeout_s": TIMEOUT_S}, "metrics": {"output_path": outdir}}
+    engine, _, _, _ = dsrun.initialize(model=model, config=cfg)
+    for step in range(4):
+        loss = engine(torch.randn(2, 8)).pow(2).mean()
+        if rank == 1 and step == 2:
+            with open(os.path.join(outdir, "sleep_start"), "w") as f:
+                f.write(repr(time.time()))
+            time.sleep(SLEEP_S)  # the stall: rank 0 waits for this rank in the gradient all-reduce
+        engine.backward(loss)
+        engine.step()
+    steps = engine.global_steps
+    engine.destroy()
+    return steps
+
+
+def test_watchdog_names_the_sleeping_rank_with_its_stack(tmp_path):
+    outdir = str(tmp_path / "metrics")
+    os.makedirs(outdir)
+    steps = run_ranks(_sleepy, world_size=2, args=(outdir,), timeout=120)
+    assert steps == [4, 4]  # it reports; it does not kill
+    report_path = os.path.join(outdir, "hang_report.txt")
+    report = open(report_path).read()
+    assert "ranks behind: 1 " in report, report
+    behind = report.split("rank 1 (", 1)[1]
+    assert "in forward" in behind.splitlines()[0] or "in backward" not in behind.splitlines()[0], report
+    assert "_sleepy" in behind and "time.sleep(SLEEP_S)" in behind, report  # rank 1's own stack
+    rank0 = report.split("rank 0 (", 1)[1]
+    assert "last collective: all_reduce" in rank0.splitlines()[0], report
+    started = float(open(os.path.join(outdir, "sleep_start")).read())
+    delay = os.path.getmtime(report_path) - started
+    assert TIMEOUT_S < delay < SLEEP_S, f"report {delay:.1f} s after the stall began"
+    assert report.count("[dsrun hang watchdog]") == 1
