@@ -67,9 +67,10 @@ class TrainingMonitor:
         self.best: Optional[tuple] = None
         self.last_row: Optional[Dict[str, Any]] = None
         self.t_start = time.time()
-        self.t_step = time.perf_counter()
+        self.t_step: Optional[float] = None  # set by the first forward or backward, then at each step's end
         self.train_s = 0.0
         self.status = "running"
+        self.config_sha256 = config.fingerprint()
         self.closed = False
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         self.folder = self.progress = None
@@ -94,6 +95,7 @@ class TrainingMonitor:
             self.watchdog = HangWatchdog(timeout_s=config.hang_watchdog.timeout_s, rank=self.rank,
                                          world_size=self.world_size, state=self.state, store=default_store(),
                                          write=_stderr, save=self._save_hang_report).start()
+            weakref.finalize(self, self.watchdog.stop)  # an engine dropped without destroy() stops it too
         self.tap = None
         comm = getattr(getattr(engine, "zero", None), "comm", None)
         if comm is not None and (self.watchdog or self.comms_logger or self.breakdown):
@@ -120,6 +122,8 @@ class TrainingMonitor:
         state["phase"] = phase
         if state["busy_since"] is None:
             state["busy_since"] = time.time()
+            if self.t_step is None:
+                self.t_step = time.perf_counter()
 
     def on_backward(self, loss: torch.Tensor) -> None:
         """Record one micro-batch's loss (no host sync)."""
@@ -131,7 +135,7 @@ class TrainingMonitor:
                 skipped_steps: int) -> None:
         """Called when an optimizer step has completed: park its values, write rows when due."""
         now = time.perf_counter()
-        step_s, self.t_step = now - self.t_step, now
+        step_s, self.t_step = now - (self.t_step if self.t_step is not None else now), now
         self.train_s += step_s
         host = {"lr": lr, "loss_scale": loss_scale, "skipped": skipped_steps, "samples": samples,
                 "step_time_s": step_s, "memory_gib": memory_bytes(self.device) / 2**30}
@@ -178,7 +182,7 @@ class TrainingMonitor:
         for monitor in self.monitors:
             monitor.close()
         if self.folder is not None:
-            why = self.folder.write_plot(self.rows)
+            why = self.folder.write_plot(self.rows) if self.rows else None  # an engine that never stepped
             if why:
                 _stderr(f"[dsrun] training_curves.png not written: {why}")
             self.folder.write_summary(self.summary())
@@ -247,7 +251,7 @@ class TrainingMonitor:
             "peak_memory_gib": round(peak_memory_bytes(self.device) / 2**30, 4),
             "versions": {"dsrun": dsrun.__version__, "torch": torch.__version__,
                          "python": sys.version.split()[0]},
-            "config_sha256": cfg.fingerprint(),
+            "config_sha256": self.config_sha256,
             "comms": self.comms_logger.summary() if self.comms_logger is not None else None,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.t_start)),
         }

@@ -47,7 +47,8 @@ def plot_curves(rows: List[Dict[str, Any]], path: str) -> Optional[str]:
         return "matplotlib is not installed (pip install matplotlib)"
     if not rows:
         return "no optimizer step was recorded"
-    fig = Figure(figsize=FIGSIZE_IN, dpi=DPI, layout="constrained")
+    fig = Figure(figsize=FIGSIZE_IN, dpi=DPI)  # fixed margins: a layout engine costs seconds on a busy host
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.13, top=0.9, wspace=0.22)
     FigureCanvasAgg(fig)
     ax_loss, ax_lr, ax_tput = fig.subplots(1, 3)
     _draw(ax_loss, *_series(rows, "loss"), "tab:blue", "loss")

@@ -116,13 +116,18 @@ class HangWatchdog:
         return self
 
     def stop(self) -> None:
+        """Ask the thread to end and give it a moment (it wakes at once unless a store call is in flight;
+        a daemon thread never holds up exit either way)."""
         self._stop.set()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=2 * self.poll_s + 1.0)
+            thread.join(timeout=1.0)
 
     def _run(self) -> None:
+        import torch.distributed as dist
         while not self._stop.wait(self.poll_s):
+            if not dist.is_initialized():  # the process group is gone: nothing left to watch
+                return
             try:
                 self._tick()
             except Exception:  # the store went away (process group destroyed, peer gone): stop quietly

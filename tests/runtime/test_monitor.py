@@ -188,3 +188,28 @@ def test_config_keys_are_strict():
         load_config({"train_batch_size": 2, "metrics": {"ouput_path": "x"}})
     with pytest.raises(ConfigError, match=r"hang_watchdog.timeout_s: must be > 0"):
         load_config({"train_batch_size": 2, "hang_watchdog": {"timeout_s": 0}})
+
+
+CRASHING = """
+import torch, dsrun
+engine, _, _, _ = dsrun.initialize(model=torch.nn.Linear(4, 1), config={
+    "train_batch_size": 2, "steps_per_print": 5, "optimizer": {"type": "SGD", "params": {"lr": 0.1}}})
+for step in range(7):
+    engine.backward(engine(torch.randn(2, 4)).pow(2).mean())
+    engine.step()
+raise RuntimeError("boom at step 7")
+"""
+
+
+def test_a_crash_leaves_the_rows_so_far_and_a_failed_summary(tmp_path):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", CRASHING], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "boom at step 7" in proc.stderr
+    folder = tmp_path / "output" / "deepspeed_metrics"
+    rows = _read_csv(folder / "training_metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 8)) and all(r["loss"] for r in rows)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 7
+    assert _png_size(folder / "training_curves.png")[0] >= 600
+    assert "step 5 | loss" in proc.stdout and "step 7" not in proc.stdout  # a line every steps_per_print steps
