@@ -2,7 +2,7 @@
 
 The engine calls it at three points and nowhere else: `on_backward(loss)` when `engine.backward`
 starts, `on_step(...)` at the end of each optimizer (boundary) step, `close()` in `engine.destroy()`.
-It registers a forward pre-hook on the module (token counting, busy tracking), taps the ZeRO
+It wraps `engine.forward` (token counting, busy tracking; the module gets no hook), taps the ZeRO
 collectives when the watchdog, comms_logger or wall_clock_breakdown needs them, and an `atexit`
 handler that finalises the folder when the script ends without `destroy()` (cheap, never raises,
 no collective). The per-step cost with defaults is a few dict updates, one small device add per
@@ -72,50 +72,63 @@ class TrainingMonitor:
         self.status = "running"
         self.config_sha256 = config.fingerprint()
         self.closed = False
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         self.folder = self.progress = None
         if self.rank == 0:
-            if metrics.enabled:
-                columns = BASE_COLUMNS + (BREAKDOWN_COLUMNS if self.breakdown_enabled else ())
-                self.folder = MetricsFolder(metrics.output_path, columns=columns)
-                self.folder.start(config.to_dict())
-            self.progress = Progress(steps_per_print=config.steps_per_print, total_steps=_total_steps(config))
+            self._open_outputs(config)
         self.drain_every = (config.steps_per_print if 0 < config.steps_per_print <= MAX_PENDING
                             else 10 if self.progress is not None and self.progress.terminal else MAX_PENDING)
-        self.breakdown = None
+        self._start_watchers(engine, config)
+        self._wrap_forward(engine)
+        ref = weakref.ref(self)
+        self._atexit = lambda: ref() is not None and ref()._at_exit()
+        atexit.register(self._atexit)
+
+    def _open_outputs(self, config) -> None:
+        """Rank 0: the metrics folder (its resolved config written now) and the progress display."""
+        if config.metrics.enabled:
+            columns = BASE_COLUMNS + (BREAKDOWN_COLUMNS if self.breakdown_enabled else ())
+            self.folder = MetricsFolder(config.metrics.output_path, columns=columns)
+            self.folder.start(config.to_dict())
+        self.progress = Progress(steps_per_print=config.steps_per_print, total_steps=_total_steps(config))
+
+    def _start_watchers(self, engine, config) -> None:
+        """wall_clock_breakdown timers, comms_logger, the hang watchdog, and the collective tap they share."""
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        self.breakdown = self.comms_logger = self.watchdog = self.tap = None
         if self.breakdown_enabled:
             from .breakdown import Breakdown
             self.breakdown = Breakdown(engine, sync=sync).install()
-        self.comms_logger = None
         if config.comms_logger.enabled:
             self.comms_logger = CommsLogger(config.comms_logger, rank=self.rank, world_size=self.dp_world_size,
                                             write=_stderr)
-        self.watchdog = None
         if config.hang_watchdog.enabled:
             self.watchdog = HangWatchdog(timeout_s=config.hang_watchdog.timeout_s, rank=self.rank,
                                          world_size=self.world_size, state=self.state, store=default_store(),
                                          write=_stderr, save=self._save_hang_report).start()
             weakref.finalize(self, self.watchdog.stop)  # an engine dropped without destroy() stops it too
-        self.tap = None
         comm = getattr(getattr(engine, "zero", None), "comm", None)
         if comm is not None and (self.watchdog or self.comms_logger or self.breakdown):
             self.tap = CommTap(comm, last=self.state["last"] if self.watchdog else None, logger=self.comms_logger,
                                on_time=self.breakdown.add_comm if self.breakdown else None, sync=sync,
                                count=self.state if self.watchdog else None).install()
-        self._hook = engine.module.register_forward_pre_hook(self._on_forward, with_kwargs=True)
-        ref = weakref.ref(self)
-        self._atexit = lambda: ref() is not None and ref()._at_exit()
-        atexit.register(self._atexit)
+
+    def _wrap_forward(self, engine) -> None:
+        """Count tokens and mark the rank busy at each training forward: an instance attribute over
+        `engine.forward` (the module gets no hook; `close()` removes it)."""
+        inner, module = engine.forward, engine.module
+
+        def forward(*args, **kwargs):
+            if module.training and torch.is_grad_enabled():
+                tokens = count_tokens(args, kwargs)
+                if tokens:
+                    self.tokens += tokens
+                self._busy("forward")
+            return inner(*args, **kwargs)
+        forward.__wrapped__ = inner
+        self._engine_ref = weakref.ref(engine)
+        engine.forward = forward
 
     # -- the engine's three calls ------------------------------------------------------------------
-
-    def _on_forward(self, module, args, kwargs):
-        if module.training and torch.is_grad_enabled():
-            tokens = count_tokens(args, kwargs)
-            if tokens:
-                self.tokens += tokens
-            self._busy("forward")
-        return None
 
     def _busy(self, phase: str) -> None:
         state = self.state
@@ -166,7 +179,9 @@ class TrainingMonitor:
         atexit.unregister(self._atexit)
         if self.watchdog is not None:
             self.watchdog.stop()
-        self._hook.remove()
+        engine = self._engine_ref()
+        if engine is not None:
+            vars(engine).pop("forward", None)
         if self.tap is not None:
             self.tap.remove()
         if self.breakdown is not None:

@@ -57,8 +57,8 @@ class StepStats:
         if loss_sum is not None and self.world_size > 1:
             # every rank takes an optimizer step at the same point, so the collectives line up
             work = dist.all_reduce(loss_sum, group=self.group, async_op=True)
-        if torch.is_tensor(grad_norm):
-            grad_norm = grad_norm.detach().float().reshape(())
+        if torch.is_tensor(grad_norm):  # a copy: the optimizer may reuse the buffer at the next step
+            grad_norm = grad_norm.detach().float().reshape(()).clone()
         entry = PendingStep(step, loss_sum, self._micro_batches, work, grad_norm, host)
         self.pending.append(entry)
         self._loss_sum, self._micro_batches = None, 0

@@ -213,3 +213,9 @@ def test_a_crash_leaves_the_rows_so_far_and_a_failed_summary(tmp_path):
     assert summary["status"] == "failed" and summary["steps"] == 7
     assert _png_size(folder / "training_curves.png")[0] >= 600
     assert "step 5 | loss" in proc.stdout and "step 7" not in proc.stdout  # a line every steps_per_print steps
+
+
+def test_bus_bandwidth_factors():
+    from dsrun.runtime.monitor.comms_logger import bus_factor
+    assert bus_factor("all_reduce", 4) == 1.5 and bus_factor("all_gather", 4) == 0.75
+    assert bus_factor("reduce_scatter", 1) == 0.0

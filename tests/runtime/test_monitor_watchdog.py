@@ -48,3 +48,10 @@ def test_watchdog_names_the_sleeping_rank_with_its_stack(tmp_path):
     delay = os.path.getmtime(report_path) - started
     assert TIMEOUT_S < delay < SLEEP_S, f"report {delay:.1f} s after the stall began"
     assert report.count("[dsrun hang watchdog]") == 1
+
+
+def test_report_when_every_rank_waits_at_the_same_point():
+    from dsrun.runtime.monitor.watchdog import format_report
+    same = {"steps": 3, "backwards": 6, "collectives": 9, "phase": "backward", "busy_s": 301.0, "stack": "  stack"}
+    text = format_report({0: dict(same), 1: dict(same), 2: None}, timeout_s=300, world_size=3)
+    assert "ranks behind: none" in text and "did not answer (stuck holding the GIL, or dead): 2" in text
