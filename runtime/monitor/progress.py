@@ -91,7 +91,7 @@ class Progress:
                 pass
 
     def _show_live(self, row, pairs) -> None:
-        from rich.console import Console, Group
+        from rich.console import Console
         from rich.live import Live
         from rich.progress_bar import ProgressBar
         from rich.table import Table
@@ -100,11 +100,13 @@ class Progress:
             table.add_column(justify="right")
         table.add_row(*[f"[dim]{label}[/dim]" for label, _ in pairs])
         table.add_row(*[f"[bold]{value}[/bold]" for _, value in pairs])
-        parts = [table]
+        view = Table.grid()
         if self.total_steps:
-            parts.insert(0, ProgressBar(total=self.total_steps, completed=min(row["step"], self.total_steps),
-                                        width=60))
-        view = Group(*parts)
+            bar = Table.grid(padding=(0, 1))
+            bar.add_row(ProgressBar(total=self.total_steps, completed=min(row["step"], self.total_steps), width=60),
+                        f"{100 * min(row['step'] / self.total_steps, 1):.0f}%")
+            view.add_row(bar)
+        view.add_row(table)
         if self._live is None:
             self._live = Live(view, console=Console(file=self.stream), auto_refresh=False, transient=False)
             self._live.start()
