@@ -84,11 +84,10 @@ class TrainingMonitor:
         atexit.register(self._atexit)
 
     def _open_outputs(self, config) -> None:
-        """Rank 0: the metrics folder (its resolved config written now) and the progress display."""
-        if config.metrics.enabled:
+        """Rank 0: the metrics folder and the progress display."""
+        if config.metrics.enabled:  # started by the first backward: an engine that never trains leaves nothing
             columns = BASE_COLUMNS + (BREAKDOWN_COLUMNS if self.breakdown_enabled else ())
             self.folder = MetricsFolder(config.metrics.output_path, columns=columns)
-            self.folder.start(config.to_dict())
         self.progress = Progress(steps_per_print=config.steps_per_print, total_steps=_total_steps(config))
 
     def _start_watchers(self, engine, config) -> None:
@@ -140,6 +139,8 @@ class TrainingMonitor:
 
     def on_backward(self, loss: torch.Tensor) -> None:
         """Record one micro-batch's loss (no host sync)."""
+        if self.folder is not None and not self.folder.started:
+            self._to_folder("start", self.config.to_dict())
         self.stats.add_loss(loss)
         self.state["backwards"] += 1
         self._busy("backward")
@@ -188,15 +189,21 @@ class TrainingMonitor:
             self.breakdown.remove()
         self.flush(wait=status == "completed")
         self.status = status
-        if self.rank != 0:
-            return
+        if self.rank == 0:
+            try:
+                self._finalise()
+            except Exception as exc:  # what a run leaves must never fail the run: say what was lost
+                _stderr(f"[dsrun] metrics not finalised: {type(exc).__name__}: {exc}")
+
+    def _finalise(self) -> None:
+        """Rank 0 at the end: the display, the comms summary, the monitors, the curves and the summary."""
         if self.progress is not None:
             self.progress.close()
         if self.comms_logger is not None and self.comms_logger.stats:
             _stderr(self.comms_logger.summary_text())
         for monitor in self.monitors:
             monitor.close()
-        if self.folder is not None:
+        if self.folder is not None and self.folder.started:
             why = self.folder.write_plot(self.rows) if self.rows else None  # an engine that never stepped
             if why:
                 _stderr(f"[dsrun] training_curves.png not written: {why}")
@@ -219,8 +226,7 @@ class TrainingMonitor:
             return
         for row in rows:
             self._keep(row)
-        if self.folder is not None:
-            self.folder.write_rows(rows)
+        self._to_folder("write_rows", rows)
         for monitor in self.monitors:
             monitor.write_events([e for row in rows for e in events_for_row(
                 row, fp16=self.config.fp16.enabled, breakdown=self.breakdown_enabled)])
@@ -234,8 +240,19 @@ class TrainingMonitor:
         total = self.progress.total_steps if self.progress else None
         eta = (total - shown["step"]) * window_s / len(rows) if total and shown["step"] <= total else None
         self.progress.show(shown, eta_s=eta)
-        if self.folder is not None:
-            self.folder.write_summary(self.summary())
+        self._to_folder("write_summary", self.summary())
+
+    def _to_folder(self, method: str, *args) -> None:
+        """Call the folder; a disk that refuses (permissions, full) turns the folder off with one warning
+        rather than stopping the training."""
+        if self.folder is None:
+            return
+        try:
+            getattr(self.folder, method)(*args)
+        except OSError as exc:
+            _stderr(f"[dsrun] metrics folder turned off: cannot write {self.folder.path}: {exc} "
+                    f"(metrics.output_path)")
+            self.folder = None
 
     def _keep(self, row: Dict[str, Any]) -> None:
         loss = row.get("loss")
@@ -272,6 +289,10 @@ class TrainingMonitor:
         }
 
     def _save_hang_report(self, text: str) -> None:
-        if self.folder is not None:
-            with open(self.folder.file("hang_report.txt"), "a") as f:
-                f.write(time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + text + "\n\n")
+        folder = self.folder
+        if folder is not None and folder.started:
+            try:
+                with open(folder.file("hang_report.txt"), "a") as f:
+                    f.write(time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + text + "\n\n")
+            except OSError:  # the report went to stderr already
+                pass

@@ -3,7 +3,8 @@
     <output_path>/training_metrics.csv       one row per optimizer step, appended and flushed as rows arrive
     <output_path>/training_curves.png        loss, lr and throughput against step (written at the end)
     <output_path>/summary.json               the run in one object (rewritten at every flush; final at the end)
-    <output_path>/deepspeed_config_auto.json the resolved config, every "auto" filled in (written at start)
+    <output_path>/deepspeed_config_auto.json the resolved config, every "auto" filled in (written when
+                                             training starts: the first engine.backward)
 
 A crash leaves the rows flushed so far and a summary whose `status` says "running" or "failed".
 JSON files are replaced atomically (write to a temporary name, then rename).
@@ -49,13 +50,17 @@ def write_json(path: str, data: Dict[str, Any]) -> None:
 
 
 class MetricsFolder:
-    """Rank 0's writer for the folder. Created lazily: nothing touches the disk before `start()`."""
+    """Rank 0's writer for the folder. Nothing touches the disk before `start()`."""
 
     def __init__(self, path: str, *, columns: Iterable[str]):
         self.path = os.path.abspath(path)
         self.columns = tuple(columns)
         self._csv = None
         self._writer = None
+
+    @property
+    def started(self) -> bool:
+        return self._writer is not None
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)

@@ -219,3 +219,22 @@ def test_bus_bandwidth_factors():
     from dsrun.runtime.monitor.comms_logger import bus_factor
     assert bus_factor("all_reduce", 4) == 1.5 and bus_factor("all_gather", 4) == 0.75
     assert bus_factor("reduce_scatter", 1) == 0.0
+
+
+def _no_training_job(rank, world_size, outdir):
+    import torch
+
+    import dsrun
+    engine, _, _, _ = dsrun.initialize(model=torch.nn.Linear(4, 1), config={
+        "train_batch_size": 2, "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
+        "metrics": {"output_path": outdir}})
+    with torch.no_grad():
+        engine(torch.randn(2, 4))
+    engine.destroy()
+    return True
+
+
+def test_an_engine_that_never_trains_leaves_no_folder(tmp_path):
+    outdir = str(tmp_path / "m")
+    run_ranks(_no_training_job, world_size=1, args=(outdir,))
+    assert not os.path.exists(outdir)
