@@ -17,7 +17,9 @@ Protocol (keys under `dsrun/watchdog/<n>/`, n counting engines in this process):
 3. Rank 0 waits until every rank has answered or two polls have passed, then prints one report. The
    ranks whose counters (steps, backwards, collectives) are lowest are named as behind: the others
    wait in a collective for them. A rank that does not answer is named as unresponsive.
-Rank 0 prints at most once per stall of its own; the report also lands in the metrics folder.
+Rank 0 prints at most once per stall of its own and then sets `printed`; the report also lands in the
+metrics folder. A rank that triggered and sees no `printed` four polls later prints its own view (rank
+0's Python may be the one stuck).
 Without a store (a process group built without one) each rank prints its own report instead.
 """
 from __future__ import annotations
@@ -58,12 +60,13 @@ def _progress(report: Dict[str, Any]):
     return (report.get("steps", 0), report.get("backwards", 0), report.get("collectives", 0))
 
 
-def format_report(reports: Dict[int, Optional[Dict[str, Any]]], *, timeout_s: float, world_size: int) -> str:
-    """One text naming the ranks behind, then each rank's state and stack (behind ranks first)."""
+def format_report(reports: Dict[int, Optional[Dict[str, Any]]], *, timeout_s: float) -> str:
+    """One text naming the ranks behind, then each rank's state and stack (behind ranks first). `reports`
+    maps every rank asked to its report, or None when it did not answer."""
     answered = {r: rep for r, rep in reports.items() if rep}
-    missing = sorted(r for r in range(world_size) if r not in answered)
+    missing = sorted(r for r, rep in reports.items() if not rep)
     lines = [f"[dsrun hang watchdog] no optimizer step completed within {timeout_s:g} s "
-             f"(hang_watchdog.timeout_s); reports from {len(answered)}/{world_size} ranks"]
+             f"(hang_watchdog.timeout_s); reports from {len(answered)}/{len(reports)} ranks"]
     behind: List[int] = []
     if answered:
         low = min(_progress(r) for r in answered.values())
@@ -105,6 +108,7 @@ class HangWatchdog:
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._triggered_at: Optional[int] = None  # `steps` when this rank last triggered
+        self._own_episode: Optional[tuple] = None  # (episode, time) this rank triggered, until rank 0 prints
         self._answered = 0
         self._printed_at: Optional[int] = None
         self._episode_seen: Dict[int, float] = {}
@@ -143,17 +147,32 @@ class HangWatchdog:
         if self.store is None:
             if stalled:
                 self._triggered_at = steps
-                self.write(format_report({self.rank: self.snapshot()}, timeout_s=self.timeout_s, world_size=1))
+                self.write(format_report({self.rank: self.snapshot()}, timeout_s=self.timeout_s))
             return
         if stalled:
             self._triggered_at = steps
-            self.store.add(self.prefix + "trigger", 1)
+            self._own_episode = (self.store.add(self.prefix + "trigger", 1), time.time())
         episode = self.store.add(self.prefix + "trigger", 0)
         if episode > self._answered:
             self._answered = episode
             self.store.set(self.prefix + f"report/{self.rank}", json.dumps(dict(self.snapshot(), episode=episode)))
         if self.rank == 0 and episode > 0 and self._printed_at != steps:
             self._maybe_print(episode, steps)
+        elif self.rank != 0 and self._own_episode is not None:
+            self._fallback_print()
+
+    def _fallback_print(self) -> None:
+        """Rank 0 has not printed this rank's stall after four polls (its Python is stuck holding the GIL,
+        or it died): print this rank's own report, once."""
+        episode, since = self._own_episode
+        if time.time() - since < 4 * self.poll_s + 1.0:
+            return
+        self._own_episode = None
+        key = self.prefix + "printed"
+        if self.store.check([key]) and int(self.store.get(key)) >= episode:
+            return
+        self.write("rank 0 did not report; this rank's view:\n" + format_report(
+            {self.rank: self.snapshot()}, timeout_s=self.timeout_s))
 
     def snapshot(self) -> Dict[str, Any]:
         busy = self.state.get("busy_since")
@@ -167,7 +186,7 @@ class HangWatchdog:
 
     def _maybe_print(self, episode: int, steps: int) -> None:
         first_seen = self._episode_seen.setdefault(episode, time.time())
-        reports: Dict[int, Optional[Dict[str, Any]]] = {}
+        reports: Dict[int, Optional[Dict[str, Any]]] = dict.fromkeys(range(self.world_size))
         for r in range(self.world_size):
             key = self.prefix + f"report/{r}"
             if self.store.check([key]):
@@ -177,7 +196,8 @@ class HangWatchdog:
         if not complete and time.time() - first_seen < 2 * self.poll_s + 0.5:
             return
         self._printed_at = steps
-        text = format_report(reports, timeout_s=self.timeout_s, world_size=self.world_size)
+        self.store.set(self.prefix + "printed", str(max(episode, self.store.add(self.prefix + "trigger", 0))))
+        text = format_report(reports, timeout_s=self.timeout_s)
         self.reports_printed += 1
         self.write(text)
         if self.save is not None:

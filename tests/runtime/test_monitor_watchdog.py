@@ -53,5 +53,45 @@ def test_watchdog_names_the_sleeping_rank_with_its_stack(tmp_path):
 def test_report_when_every_rank_waits_at_the_same_point():
     from dsrun.runtime.monitor.watchdog import format_report
     same = {"steps": 3, "backwards": 6, "collectives": 9, "phase": "backward", "busy_s": 301.0, "stack": "  stack"}
-    text = format_report({0: dict(same), 1: dict(same), 2: None}, timeout_s=300, world_size=3)
+    text = format_report({0: dict(same), 1: dict(same), 2: None}, timeout_s=300)
     assert "ranks behind: none" in text and "did not answer (stuck holding the GIL, or dead): 2" in text
+
+
+def _watchdog(rank, store, busy_for, out):
+    from dsrun.runtime.monitor.watchdog import HangWatchdog
+    state = {"steps": 3, "backwards": 6 + rank, "collectives": 9, "phase": "backward",
+             "busy_since": time.time() - busy_for, "last": {}}
+    wd = HangWatchdog(timeout_s=0.2, rank=rank, world_size=2, state=state, store=store, write=out.append)
+    wd.prefix = "test/"  # both objects of this test speak under one prefix, as two processes would
+    return wd
+
+
+def test_protocol_over_a_real_store():
+    """Rank 1 stalls and triggers; rank 0 (not stalled itself) answers and prints once, naming rank 0 as
+    behind (fewer backward calls); rank 1 then stays quiet."""
+    import torch.distributed as dist
+    store = dist.HashStore()
+    out0, out1 = [], []
+    rank0, rank1 = _watchdog(0, store, 0.0, out0), _watchdog(1, store, 10.0, out1)
+    rank1._tick()
+    assert int(store.get("test/trigger")) == 1 and store.check(["test/report/1"])
+    rank0._tick()
+    assert len(out0) == 1 and "reports from 2/2 ranks" in out0[0] and "ranks behind: 0 " in out0[0]
+    rank0._tick()
+    assert len(out0) == 1  # once per stall
+    time.sleep(4 * rank1.poll_s + 1.1)
+    rank1._tick()
+    assert out1 == []  # rank 0 printed
+
+
+def test_a_rank_prints_its_own_view_when_rank_0_never_does():
+    import torch.distributed as dist
+    store = dist.HashStore()
+    out1 = []
+    rank1 = _watchdog(1, store, 10.0, out1)
+    rank1._tick()
+    assert out1 == []
+    time.sleep(4 * rank1.poll_s + 1.1)
+    rank1._tick()
+    assert len(out1) == 1 and out1[0].startswith("rank 0 did not report") and "rank 1 (" in out1[0]
+    assert "test_monitor_watchdog.py" in out1[0]  # this thread is the main thread here: its stack is shown
