@@ -12,6 +12,10 @@ Worker: `--worker --mode M` (started by the driver). Contenders:
                         all-gather runs under the next forward)
   dsrun-...-nccl        the same with `zero_optimization.copy_engine_comm: false` (all-gathers and gradient
                         all-to-alls by NCCL kernels instead of copy engines)
+  dsrun-...-nomon       the same with dsrun's monitoring off (`metrics.enabled` and `hang_watchdog.enabled`
+                        false); beside the plain contender it measures what progress, the metrics folder and
+                        the watchdog cost: `--modes dsrun-z2,dsrun-z2-nomon` (every contender prints every
+                        10 steps, as DeepSpeed's documented `steps_per_print` default)
   ds-z1 / ds-z2         DeepSpeed from PyPI with the same config (skipped when not importable)
   fsdp2 / fsdp2-noreshard  torch fully_shard per block, bf16 params, fp32 reduce, fused AdamW
   ddp                   torch DDP under bf16 autocast, fused AdamW
@@ -43,7 +47,7 @@ def ds_config(stage, micro_batch, world, torch_adam):
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,
-        "steps_per_print": 1000,
+        "steps_per_print": 10,
         "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": opt},
         "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True},
@@ -77,8 +81,11 @@ def worker(args):
         cfg = ds_config(stage, shape.micro_batch, world, torch_adam=mode.startswith("ds-"))
         if "-pg" in mode:
             cfg["zero_optimization"]["overlap_param_gather"] = True
-        if mode.endswith("-nccl"):
+        if "-nccl" in mode:
             cfg["zero_optimization"]["copy_engine_comm"] = False
+        if "-nomon" in mode and mode.startswith("dsrun"):
+            cfg["metrics"] = {"enabled": False}
+            cfg["hang_watchdog"] = {"enabled": False}
         if not cuda:
             cfg.pop("bf16")
         engine, _, _, _ = engine_lib.initialize(model=model.to(device), model_parameters=model.parameters(), config=cfg)

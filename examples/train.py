@@ -4,7 +4,10 @@ Written exactly as for DeepSpeed; only the import differs. Run it with
 
     dsrun --num_gpus 2 examples/train.py --deepspeed_config examples/ds_config.json
 
-On a machine without GPUs, `--num_gpus 2` starts two CPU ranks that train over gloo.
+On a machine without GPUs, `--num_gpus 2` starts two CPU ranks that train over gloo. Rank 0 prints a
+progress line every `steps_per_print` steps (a live panel when run on a terminal without the launcher)
+and leaves output/deepspeed_metrics/ (training_metrics.csv, training_curves.png, summary.json,
+deepspeed_config_auto.json) in the working directory; see docs/monitoring.md.
 """
 import argparse
 
@@ -25,13 +28,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the launcher")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--num_samples", type=int, default=2048, help="size of the synthetic data set")
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args()
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 1))
     engine, _, loader, _ = deepspeed.initialize(args=args, model=model, model_parameters=model.parameters(),
-                                                training_data=synthetic_dataset())
+                                                training_data=synthetic_dataset(args.num_samples))
     for epoch in range(args.epochs):
         total, count = 0.0, 0
         for x, y in loader:

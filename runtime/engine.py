@@ -7,7 +7,9 @@
    `precision.param_dtype`, keeps fp32 masters for the owned chunks and installs gradient hooks
    (runtime/zero/); the loss scaler comes from `precision.loss_scale`;
 4. scheduler: the client's (instance or callable(optimizer)) or `build_scheduler(config.scheduler)`;
-5. data: a DistributedSampler loader when `training_data` is given.
+5. data: a DistributedSampler loader when `training_data` is given;
+6. monitoring: `apply_monitoring` (runtime/monitor/), called at backward, at each optimizer step's end
+   and in `destroy()`.
 Offload, pipeline and activation checkpointing hook in here when they land.
 
 Step contract (DeepSpeed's): call `engine(batch)`, `engine.backward(loss)`, `engine.step()` on every
@@ -103,6 +105,9 @@ class Engine:
             self.training_dataloader = build_dataloader(
                 training_data, micro_batch_size=config.train_micro_batch_size_per_gpu,
                 rank=dist.get_rank(dp_group), world_size=self.dp_world_size, collate_fn=collate_fn)
+        # 6. monitoring: progress, metrics folder, monitors, hang watchdog (runtime/monitor/)
+        from .monitor import apply_monitoring
+        self.monitor = apply_monitoring(engine=self, config=config)
 
     # -- construction helpers ------------------------------------------------------------------------
 
@@ -167,6 +172,7 @@ class Engine:
         if loss.numel() != 1:
             raise ValueError(f"engine.backward expects a scalar loss, got shape {tuple(loss.shape)}")
         gas = self.gradient_accumulation_steps() if scale_wrt_gas else 1
+        self.monitor.on_backward(loss)
         self.zero.wait_params()
         self.zero.reducer.begin_micro_step(self.is_gradient_accumulation_boundary())
         (loss.float() * (self.loss_scaler.loss_scale / gas)).backward(retain_graph=retain_graph)
@@ -204,6 +210,9 @@ class Engine:
         self.zero.reducer.zero()
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
+        self.monitor.on_step(step=self.global_steps, samples=self.global_samples, grad_norm=result.grad_norm,
+                             lr=self.optimizer.param_groups[0]["lr"], loss_scale=self.loss_scaler.loss_scale,
+                             skipped_steps=self._skipped_steps)
 
     def _account(self, *, overflowed: bool, step: int, grad_norm) -> None:
         message = self.loss_scaler.update(overflowed)
@@ -420,6 +429,7 @@ class Engine:
         """Remove every hook and free gradient buffers, masters and optimizer state. The module keeps
         its (working) weights; the engine cannot train afterwards."""
         self._settle()
+        self.monitor.close()
         if self.zero is not None:
             self.zero.destroy()
             self.zero = None

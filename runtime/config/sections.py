@@ -1,5 +1,6 @@
 """The smaller sections: `checkpoint`, `activation_checkpointing`, `pipeline`, monitors (`tensorboard`,
-`csv_monitor`, `wandb`, `comet`), `flops_profiler`, `comms_logger`, `aio` (reference 1.9-1.13).
+`csv_monitor`, `wandb`, `comet`), `flops_profiler`, `comms_logger`, `aio` (reference 1.9-1.13), and dsrun's
+own `metrics` and `hang_watchdog` (docs/monitoring.md).
 
 DeepSpeed reads several of these with `dict.get` and ignores unknown keys; dsrun is strict everywhere.
 """
@@ -12,7 +13,7 @@ from .schema import Section, opt
 
 __all__ = ["CheckpointConfig", "ParallelWriteConfig", "CheckpointWriterConfig", "ActivationCheckpointingConfig",
            "PipelineConfig", "TensorBoardConfig", "CSVMonitorConfig", "WandbConfig", "CometConfig",
-           "FlopsProfilerConfig", "CommsLoggerConfig", "AioConfig"]
+           "FlopsProfilerConfig", "CommsLoggerConfig", "AioConfig", "MetricsConfig", "HangWatchdogConfig"]
 
 
 @dataclass(frozen=True)
@@ -128,3 +129,31 @@ class AioConfig(Section):
     single_submit: bool = opt(False)
     overlap_events: bool = opt(True)
     use_gds: bool = opt(False)
+
+
+def _positive(value, where):
+    from dsrun.errors import ConfigError
+    if value is not None and value <= 0:
+        raise ConfigError(f"must be > 0, got {value}", where=where)
+    return value
+
+
+@dataclass(frozen=True)
+class MetricsConfig(Section):
+    """dsrun's metrics folder (docs/monitoring.md): rank 0 writes training_metrics.csv, training_curves.png,
+    summary.json and deepspeed_config_auto.json under `output_path` (relative paths: under the working
+    directory). `flops_per_sample` overrides the 6 x parameters x tokens estimate; `peak_tflops` (per
+    device) enables MFU where the device is not in dsrun's table."""
+
+    enabled: bool = opt(True)
+    output_path: str = opt("output/deepspeed_metrics")
+    flops_per_sample: Optional[float] = opt(None, check=_positive)
+    peak_tflops: Optional[float] = opt(None, check=_positive)
+
+
+@dataclass(frozen=True)
+class HangWatchdogConfig(Section):
+    """Report where every rank is when no optimizer step completes within `timeout_s` (it never kills)."""
+
+    enabled: bool = opt(True)
+    timeout_s: float = opt(300.0, check=_positive)

@@ -17,7 +17,8 @@ from .optim import OptimizerConfig, SchedulerConfig
 from .precision import BF16Config, DataTypesConfig, FP16Config, TorchAutocastConfig
 from .schema import ConfigDeprecationWarning, ParseContext, Section, join, opt
 from .sections import (ActivationCheckpointingConfig, AioConfig, CheckpointConfig, CometConfig, CommsLoggerConfig,
-                       CSVMonitorConfig, FlopsProfilerConfig, PipelineConfig, TensorBoardConfig, WandbConfig)
+                       CSVMonitorConfig, FlopsProfilerConfig, HangWatchdogConfig, MetricsConfig, PipelineConfig,
+                       TensorBoardConfig, WandbConfig)
 from .zero import ZeroConfig
 
 __all__ = ["TopLevelConfig", "PASSTHROUGH_KEYS"]
@@ -68,6 +69,9 @@ class TopLevelConfig(Section):
     flops_profiler: FlopsProfilerConfig = opt(factory=FlopsProfilerConfig)
     comms_logger: CommsLoggerConfig = opt(factory=CommsLoggerConfig)
     aio: AioConfig = opt(factory=AioConfig)
+    # dsrun's own (docs/monitoring.md): the metrics folder and the hang watchdog
+    metrics: MetricsConfig = opt(factory=MetricsConfig)
+    hang_watchdog: HangWatchdogConfig = opt(factory=HangWatchdogConfig)
     # gradients and communication (reference 1.7)
     gradient_clipping: float = opt(1.0, check=_non_negative)
     communication_data_type: Optional[str] = opt(None, choices=_COMM_DTYPES)
