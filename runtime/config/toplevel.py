@@ -5,8 +5,8 @@ Core keys are typed sections or scalars. The "other recognised top-level keys" o
 `DsConfig.raw` so that real DeepSpeed configs load; dsrun does not act on them, and says so once when
 one is switched on ([Note: inert keys] in schema.py). Anything else is an error with a did-you-mean.
 
-`steps_per_print` accepts infinity (`Infinity` in JSON, `"inf"`): Accelerate writes it to mean
-"never", which is `None` here.
+`steps_per_print` accepts infinity (`Infinity` in JSON or hjson, `"inf"`): Accelerate writes it to
+mean "never", which is `None` here.
 """
 from __future__ import annotations
 
@@ -154,4 +154,6 @@ class TopLevelConfig(Section):
 def _is_infinite(value) -> bool:
     if isinstance(value, float):
         return math.isinf(value) and value > 0
-    return isinstance(value, str) and value.strip().lower() in ("inf", "+inf", "infinity", "+infinity")
+    # hjson reads a bare `Infinity,` as the string "Infinity," (a quoteless string runs to the line's end)
+    return isinstance(value, str) and value.strip().rstrip(",").strip().lower() in ("inf", "+inf", "infinity",
+                                                                                    "+infinity")

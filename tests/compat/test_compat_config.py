@@ -40,7 +40,10 @@ def test_steps_per_print_infinity_means_never(tmp_path):
     path = tmp_path / "accelerate.json"
     path.write_text(json.dumps(dict(BASE, steps_per_print=float("inf"))))  # writes `Infinity`
     assert "Infinity" in path.read_text()
-    for source in (str(path), dict(BASE, steps_per_print=float("inf")), dict(BASE, steps_per_print="inf")):
+    hjson = tmp_path / "hjson.json"
+    hjson.write_text('{\n  train_batch_size: 4\n  "steps_per_print": Infinity,\n}\n')  # hjson: "Infinity,"
+    for source in (str(path), str(hjson), dict(BASE, steps_per_print=float("inf")),
+                   dict(BASE, steps_per_print="inf")):
         assert load_config(source).steps_per_print == 0  # 0 = never
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(dict(BASE, steps_per_print=float("-inf")))
