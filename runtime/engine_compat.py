@@ -30,12 +30,16 @@ PUBLIC_NAME = "DeepSpeedEngine"
 
 
 def compat_getattr(engine, name: str) -> Any:
-    """Engine.__getattr__: fall through to the module (as DeepSpeed does), and name the engine when neither
-    has the attribute. `name` reached here only because ordinary lookup on the engine failed."""
-    module = engine.__dict__.get("module")
-    if module is None:
-        modules = engine.__dict__.get("_modules")  # Engine as a torch.nn.Module keeps `module` there
-        module = modules.get("module") if modules else None
+    """What Engine.__getattr__ should return: for an engine that is a torch.nn.Module, its registered
+    submodules, parameters and buffers first (nn.Module's own lookup); then the wrapped module's attribute
+    (as DeepSpeed); else an AttributeError naming the engine, not the user's model. `name` reaches here
+    only because ordinary lookup on the engine failed."""
+    if isinstance(engine, torch.nn.Module):
+        try:
+            return torch.nn.Module.__getattr__(engine, name)
+        except AttributeError:
+            pass
+    module = engine.__dict__.get("module") or (engine.__dict__.get("_modules") or {}).get("module")
     if module is not None and name != "module":
         try:
             return getattr(module, name)

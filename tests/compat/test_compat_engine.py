@@ -125,3 +125,23 @@ def test_grad_accum_dtype_configs_train():
     """Before: torch refused to attach a 16-bit gradient to the fp32 masters (and an fp32 model refused the key)."""
     for results in run_ranks(_accum_dtypes, world_size=2):
         assert results == [(1, True, True)] * 4
+
+
+def test_unknown_attribute_names_the_engine_also_as_an_nn_module():
+    """compat_getattr on an engine laid out as a torch.nn.Module (the module registered in `_modules`)."""
+    from dsrun.runtime.engine_compat import EngineCompat, compat_getattr
+
+    class ModuleEngine(EngineCompat, torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.module = model
+
+        def __getattr__(self, name):
+            return compat_getattr(self, name)
+
+    engine = ModuleEngine(_model())
+    assert isinstance(engine.module, torch.nn.Sequential)
+    assert engine.training is True and engine.__len__() == 3  # nn.Module's own attribute; the model's method
+    with pytest.raises(AttributeError, match="'DeepSpeedEngine' object has no attribute 'no_sync_please'"):
+        engine.no_sync_please
+    assert len(list(engine.parameters())) == 4
