@@ -8,6 +8,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "runtime"))
 from _dist import run_ranks  # noqa: E402
 
+# The first optimizer a process builds imports torch._dynamo (~10 s on a loaded 2-core machine). Import it
+# here, once, so that the forked ranks of every test below inherit it instead of each paying for it.
+import torch._dynamo  # noqa: E402,F401
+
 
 def _model(seed=0):
     torch.manual_seed(seed)
