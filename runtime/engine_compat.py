@@ -5,8 +5,8 @@ engine's public members only (`config`, `module`, `loss_scaler`, `zero_optimizat
 config getters (`steps_per_print()`, `zero_optimization_partition_gradients()`, `get_batch_info()`,
 `dynamic_loss_scale()`, ...), runtime batch-size setters, `module_state_dict()`, `no_sync()`, and the
 pieces Engine wires in itself: `compat_getattr` (unknown attributes name the engine) and
-`DeepSpeedOptimizerView` (the optimizer wrapper's `loss_scaler`, `cur_scale`, `overflow`,
-`dynamic_loss_scale`).
+`optimizer_view` (the optimizer as `engine.optimizer`, with DeepSpeed's wrapper attributes
+`loss_scaler`, `cur_scale`, `overflow`, `dynamic_loss_scale`).
 
 [Note: no_sync] DeepSpeed's `no_sync()` skips the gradient all-reduce of the backward passes inside it
 (stages 0-1; stages 2-3 reduce as they go and refuse it), and `step()` inside it is an error. Here a
@@ -24,7 +24,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
-__all__ = ["EngineCompat", "DeepSpeedOptimizerView", "compat_getattr", "PUBLIC_NAME"]
+__all__ = ["EngineCompat", "DeepSpeedOptimizerView", "optimizer_view", "compat_getattr", "PUBLIC_NAME"]
 
 PUBLIC_NAME = "DeepSpeedEngine"
 
@@ -181,6 +181,22 @@ class EngineCompat:
 
 def _step_inside_no_sync(*args, **kwargs):
     raise AssertionError("It is illegal to call Engine.step() inside no_sync context manager")
+
+
+_VIEW_CLASSES: dict = {}
+
+
+def optimizer_view(optimizer: torch.optim.Optimizer, engine) -> "DeepSpeedOptimizerView":
+    """`optimizer` as DeepSpeed scripts see `engine.optimizer`: a `DeepSpeedOptimizerView` that is also an
+    instance of the optimizer's own class (`isinstance(view, torch.optim.SGD)` holds for an SGD). Engine
+    keeps passing the optimizer itself to the sharding layer, which asks for its exact type."""
+    base = type(optimizer)
+    cls = _VIEW_CLASSES.get(base)
+    if cls is None:
+        cls = type(base.__name__, (DeepSpeedOptimizerView, base), {"__module__": __name__,
+                                                                    "__qualname__": f"view of {base.__qualname__}"})
+        _VIEW_CLASSES[base] = cls
+    return cls(optimizer, engine)
 
 
 class DeepSpeedOptimizerView(torch.optim.Optimizer):

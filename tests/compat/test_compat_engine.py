@@ -48,7 +48,7 @@ def _no_sync_matches_one_backward(rank, stage):
 
 
 def _surface(rank, world):
-    from dsrun.runtime.engine_compat import DeepSpeedOptimizerView, compat_getattr
+    from dsrun.runtime.engine_compat import compat_getattr, optimizer_view
     out = {}
     for stage in (0, 1):
         out[f"no_sync_{stage}"] = _no_sync_matches_one_backward(rank, stage)
@@ -72,7 +72,9 @@ def _surface(rank, world):
     out["forwarded"] = compat_getattr(e, "training")
 
     f = _engine({"fp16": {"enabled": True, "initial_scale_power": 4}, "zero_optimization": {"stage": 1}})
-    view = DeepSpeedOptimizerView(f.optimizer, f)
+    view = optimizer_view(f.optimizer, f)
+    out["view_types"] = (isinstance(view, torch.optim.SGD), isinstance(view, torch.optim.Optimizer),
+                         view.optimizer is f.optimizer, view.param_groups is f.optimizer.param_groups)
     with f.no_sync():
         with pytest.raises(AssertionError, match="illegal to call Engine.step"):
             f.step()
@@ -99,6 +101,7 @@ def test_engine_deepspeed_surface_on_two_ranks():
         assert out["micro_after"] == (4, 1, 2)
         assert out["state_keys"] == ["0.weight", "2.bias", "2.weight"]
         assert out["forwarded"] is True
+        assert out["view_types"] == (True, True, True, True)
         assert out["overflow"] == (True, 16.0, True, True)
         assert out["after_good_step"] is False
         assert out["lr"] == [pytest.approx(0.05)]
