@@ -190,6 +190,8 @@ def optimizer_view(optimizer: torch.optim.Optimizer, engine) -> "DeepSpeedOptimi
     """`optimizer` as DeepSpeed scripts see `engine.optimizer`: a `DeepSpeedOptimizerView` that is also an
     instance of the optimizer's own class (`isinstance(view, torch.optim.SGD)` holds for an SGD). Engine
     keeps passing the optimizer itself to the sharding layer, which asks for its exact type."""
+    if isinstance(optimizer, DeepSpeedOptimizerView):  # already a view: of this engine, or re-viewed
+        return optimizer if optimizer._engine is engine else optimizer_view(optimizer.optimizer, engine)
     base = type(optimizer)
     cls = _VIEW_CLASSES.get(base)
     if cls is None:

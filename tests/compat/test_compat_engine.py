@@ -73,8 +73,9 @@ def _surface(rank, world):
 
     f = _engine({"fp16": {"enabled": True, "initial_scale_power": 4}, "zero_optimization": {"stage": 1}})
     view = optimizer_view(f.optimizer, f)
+    assert optimizer_view(view, f) is view  # Engine may already hand out the view
     out["view_types"] = (isinstance(view, torch.optim.SGD), isinstance(view, torch.optim.Optimizer),
-                         view.optimizer is f.optimizer, view.param_groups is f.optimizer.param_groups)
+                         view.optimizer is f.basic_optimizer, view.param_groups is f.basic_optimizer.param_groups)
     with f.no_sync():
         with pytest.raises(AssertionError, match="illegal to call Engine.step"):
             f.step()
