@@ -62,12 +62,31 @@ def _native_avg(group) -> bool:
     return tdist.get_backend(group) not in ("gloo", "mpi")
 
 
+class _AverageOnWait:
+    """The work handle of an emulated AVG: waiting finishes the sum, then divides by the group size."""
+
+    def __init__(self, work, tensor, size: int):
+        self._work, self._tensor, self._size, self._done = work, tensor, size, False
+
+    def wait(self, timeout=None) -> bool:
+        if not self._done:
+            self._work.wait()
+            self._tensor.div_(self._size)
+            self._done = True
+        return True
+
+    def is_completed(self) -> bool:
+        return self._done
+
+
 def _reduce_with(fn, tensor, op, group, async_op, **kwargs):
-    """Run reduce-like `fn`; AVG without a native average becomes SUM then a division (synchronous)."""
+    """Run reduce-like `fn`; AVG without a native average becomes SUM then a division."""
     if _is_avg(op) and not _native_avg(group):
-        work = fn(tensor, op=tdist.ReduceOp.SUM, group=group, async_op=False, **kwargs)
+        work = fn(tensor, op=tdist.ReduceOp.SUM, group=group, async_op=async_op, **kwargs)
+        if async_op:
+            return _AverageOnWait(work, tensor, tdist.get_world_size(group))
         tensor.div_(tdist.get_world_size(group))
-        return None if not async_op else work
+        return None
     return fn(tensor, op=_torch_op(op), group=group, async_op=async_op, **kwargs)
 
 

@@ -24,6 +24,9 @@ def _collectives(rank, world):
     dist.all_reduce(t, op=ReduceOp.AVG)  # gloo has no AVG: sum / world
     out["avg"] = t.item()
     t = torch.tensor([rank + 1.0])
+    dist.all_reduce(t, op=ReduceOp.AVG, async_op=True).wait()
+    out["avg_async"] = t.item()
+    t = torch.tensor([rank + 1.0])
     dist.all_reduce(t, op=torch.distributed.ReduceOp.MAX)  # torch's ops are accepted too
     out["max"] = t.item()
     t = torch.tensor([rank + 1.0])
@@ -55,7 +58,8 @@ def test_comm_functions_on_two_gloo_ranks():
     results = run_ranks(_collectives, world_size=2)
     for rank, out in enumerate(results):
         assert (out["init"], out["rank"], out["world"], out["local"], out["backend"]) == (True, rank, 2, rank, "gloo")
-        assert (out["sum"], out["avg"], out["max"], out["inference"], out["bcast"]) == (3.0, 1.5, 2.0, 3.0, 1.0)
+        assert (out["sum"], out["avg"], out["avg_async"], out["max"]) == (3.0, 1.5, 1.5, 2.0)
+        assert (out["inference"], out["bcast"]) == (3.0, 1.0)
         assert out["gather"] == out["gather_flat"] == [0.0, 10.0]
         assert out["reduce_scatter"] == [3.0, 6.0][rank]  # chunk `rank` of (1,2)*1 + (1,2)*2
         assert out["objects"] == [{"r": 0}, {"r": 1}]
