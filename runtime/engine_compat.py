@@ -1,7 +1,8 @@
 """`EngineCompat`: the DeepSpeedEngine methods DeepSpeed scripts and Hugging Face call, as a mixin of Engine.
 
 Engine (runtime/engine.py) composes the runtime; this mixin adds DeepSpeed's surface over it using the
-engine's public members only (`config`, `module`, `loss_scaler`, `zero_optimization_stage()`, ...):
+engine's public members (`config`, `module`, `loss_scaler`, `zero_optimization_stage()`, ...; `no_sync`
+also saves and restores the engine's `_boundary_override`):
 config getters (`steps_per_print()`, `zero_optimization_partition_gradients()`, `get_batch_info()`,
 `dynamic_loss_scale()`, ...), runtime batch-size setters, `module_state_dict()`, `no_sync()`, and the
 pieces Engine wires in itself: `compat_getattr` (unknown attributes name the engine) and
@@ -39,7 +40,9 @@ def compat_getattr(engine, name: str) -> Any:
             return torch.nn.Module.__getattr__(engine, name)
         except AttributeError:
             pass
-    module = engine.__dict__.get("module") or (engine.__dict__.get("_modules") or {}).get("module")
+    module = engine.__dict__.get("module")
+    if module is None:  # not `or`: an empty nn.Sequential is falsy
+        module = (engine.__dict__.get("_modules") or {}).get("module")
     if module is not None and name != "module":
         try:
             return getattr(module, name)
