@@ -1,7 +1,9 @@
 """dsrun: a DeepSpeed-compatible launcher and training runtime.
 
-`import dsrun as deepspeed` works for DeepSpeed scripts. The runtime API is imported lazily so that
-`dsrun.launcher` (and `dsrun --help`) never imports torch.
+`import dsrun as deepspeed` works for DeepSpeed scripts, and DeepSpeed's module tree is mirrored by the
+subpackages here (`dsrun.comm`, `dsrun.accelerator`, `dsrun.ops`, `dsrun.utils`, `dsrun.zero`, ...:
+docs/compat.md). The runtime API is imported lazily so that `dsrun.launcher` (and `dsrun --help`) never
+imports torch.
 """
 import importlib
 import os
