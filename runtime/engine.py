@@ -44,6 +44,7 @@ import torch.distributed as dist
 from dsrun.errors import ConfigError
 
 from .config.policies import torch_dtype
+from .engine_compat import EngineCompat
 from .precision import build_loss_scaler, checks_overflow
 from .shard_state import MASTER_KEY, ParamShard, ReadFn
 
@@ -52,7 +53,7 @@ __all__ = ["Engine"]
 log = logging.getLogger("dsrun")
 
 
-class Engine:
+class Engine(EngineCompat):
     def __init__(self, *, model: torch.nn.Module, config, optimizer=None, model_parameters=None,
                  lr_scheduler=None, training_data=None, collate_fn=None, dp_group=None):
         self.config = config

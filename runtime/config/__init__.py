@@ -20,7 +20,7 @@ from .policies import (CommPolicy, Device, LossScalePolicy, OffloadPolicy, Preci
 from .precision import BF16Config, DataTypesConfig, FP16Config
 from .sections import (ActivationCheckpointingConfig, CheckpointConfig, CometConfig, CSVMonitorConfig,
                        PipelineConfig, TensorBoardConfig, WandbConfig)
-from .schema import ConfigDeprecationWarning
+from .schema import ConfigDeprecationWarning, ConfigIgnoredKeyWarning
 from .zero import OffloadOptimizerConfig, OffloadParamConfig, ZeroConfig
 
 __all__ = ["load_config", "DsConfig", "ConfigError", "diff_keys", "DeepSpeedConfig", "BatchTriple", "resolve_batch",
@@ -28,4 +28,4 @@ __all__ = ["load_config", "DsConfig", "ConfigError", "diff_keys", "DeepSpeedConf
            "OffloadOptimizerConfig", "OffloadParamConfig", "CheckpointConfig", "ActivationCheckpointingConfig",
            "PipelineConfig", "TensorBoardConfig", "CSVMonitorConfig", "WandbConfig", "CometConfig",
            "ShardingPolicy", "OffloadPolicy", "PrecisionPolicy", "LossScalePolicy", "CommPolicy", "Device",
-           "torch_dtype", "ConfigDeprecationWarning"]
+           "torch_dtype", "ConfigDeprecationWarning", "ConfigIgnoredKeyWarning"]

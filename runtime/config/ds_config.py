@@ -8,6 +8,11 @@ check that every rank resolved the same config (`diff_keys` names the top-level 
 
 Top-level keys without a dedicated attribute (e.g. `memory_breakdown`, `elasticity`) are reachable as
 attributes too (`cfg.memory_breakdown`), from the parsed top-level section.
+
+DeepSpeed's `engine.config` is the user's config dict, and Hugging Face code reads it as one
+(`engine.config.get("zero_optimization", {})`, `engine.config["fp16"]["enabled"]`). `DsConfig` reads
+the same way, read-only, over `raw`: `get`, `[]`, `in`, `keys`, `items`, iteration; values are the
+plain resolved dicts and scalars.
 """
 from __future__ import annotations
 
@@ -77,6 +82,32 @@ class DsConfig:
         if name != "top" and "top" in self.__dict__ and name in self.__dict__["top"]:
             return getattr(self.__dict__["top"], name)
         raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    # -- read-only mapping view over `raw` (see the module docstring) -------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.raw.get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.raw[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.raw
+
+    def __iter__(self):
+        return iter(self.raw)
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def keys(self):
+        return self.raw.keys()
+
+    def items(self):
+        return self.raw.items()
+
+    def values(self):
+        return self.raw.values()
 
     @property
     def zero_optimization(self) -> ZeroConfig:

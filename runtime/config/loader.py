@@ -1,9 +1,15 @@
 """Reading a config source into a plain dict (reference section 1.1).
 
-Accepted sources: a mapping; a path (str or PathLike) to a JSON file (`//` and `/* */` comments and
-trailing commas allowed, as hjson users expect) or a YAML file (`.yaml`/`.yml`); a url-safe base64
-string of JSON. Duplicate keys are an error in every form (YAML included, which PyYAML would otherwise
-resolve silently). Errors name the file and the line/column.
+Accepted sources: a mapping; a path (str or PathLike) to a JSON file or a YAML file (`.yaml`/`.yml`);
+a url-safe base64 string of JSON. Duplicate keys are an error in every form (YAML included, which PyYAML
+would otherwise resolve silently). Errors name the file and the line/column.
+
+[Note: JSON, then hjson] DeepSpeed parses config files with hjson, so real configs carry comments,
+trailing commas and unquoted keys. A file is parsed as strict JSON first (Python's json, which also
+reads `Infinity` as Accelerate writes it for `steps_per_print`), and only if that fails with hjson
+(a `.hjson` file goes straight to hjson). When both fail, the error of the parser that read further
+into the file is reported: it is the likelier intended syntax. Without the hjson package, the fallback
+strips `//`, `#` and `/* */` comments and trailing commas and parses JSON again.
 """
 from __future__ import annotations
 
@@ -32,6 +38,8 @@ def read_source(source: Any) -> Tuple[Dict[str, Any], str]:
             text = fh.read()
         if path.endswith((".yaml", ".yml")):
             return _check_top(_load_yaml(text, path), path), path
+        if path.endswith(".hjson"):
+            return _check_top(_load_hjson(text, path), path), path
         return _check_top(_load_json(text, path), path), path
     if isinstance(source, str):
         return _check_top(_load_base64(source), "<base64>"), "<base64>"
@@ -104,10 +112,33 @@ def _strip_comments(text: str) -> str:
 
 
 def _load_json(text: str, path: str) -> Any:
+    """[Note: JSON, then hjson]"""
     try:
-        return json.loads(_strip_comments(text), object_pairs_hook=_pairs_hook(path))
+        return json.loads(text, object_pairs_hook=_pairs_hook(path))
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"invalid JSON: {exc.msg}", where=f"{path}:{exc.lineno}:{exc.colno}") from None
+        json_error = exc
+    try:
+        import hjson
+    except ImportError:  # the dependency is missing: a plain comment stripper, then JSON again
+        try:
+            return json.loads(_strip_comments(text), object_pairs_hook=_pairs_hook(path))
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"invalid JSON: {exc.msg}", where=f"{path}:{exc.lineno}:{exc.colno}") from None
+    try:
+        return hjson.loads(text, object_pairs_hook=_pairs_hook(path))
+    except hjson.HjsonDecodeError as exc:
+        worst = json_error if json_error.pos >= exc.pos else exc
+    kind = "JSON" if worst is json_error else "hjson"
+    raise ConfigError(f"invalid {kind}: {worst.msg}", where=f"{path}:{worst.lineno}:{worst.colno}") from None
+
+
+def _load_hjson(text: str, path: str) -> Any:
+    import hjson
+
+    try:
+        return hjson.loads(text, object_pairs_hook=_pairs_hook(path))
+    except hjson.HjsonDecodeError as exc:
+        raise ConfigError(f"invalid hjson: {exc.msg}", where=f"{path}:{exc.lineno}:{exc.colno}") from None
 
 
 def _load_base64(text: str) -> Any:
@@ -166,7 +197,8 @@ def locate_key(path: str, key_path: str) -> "int | None":
         return _locate_yaml(text, parts)
     pos = 0
     for part in parts:
-        match = re.compile(r'"' + re.escape(part) + r'"\s*:').search(text, pos)
+        # quoted (JSON) or bare (hjson) key
+        match = re.compile(r'(?<![\w"])"?' + re.escape(part) + r'"?\s*:').search(text, pos)
         if match is None:
             return None
         pos = match.start()

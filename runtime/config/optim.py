@@ -61,7 +61,11 @@ def _torch_schedulers():
 class OptimizerConfig(Section):
     type: str = opt()
     params: Dict[str, Any] = opt(factory=dict)
-    legacy_fusion: bool = opt(False)
+    legacy_fusion: bool = opt(False, inert="a legacy DeepSpeed switch")
+
+    # DeepSpeed reads `torch_adam` from `params` only ([Note: inert keys] in schema.py)
+    _INERT = {"torch_adam": "DeepSpeed reads optimizer.params.torch_adam, not optimizer.torch_adam; move it into "
+                            "params"}
 
     @property
     def name(self) -> str:

@@ -73,9 +73,10 @@ class PrecisionPolicy:
 
     param_dtype: str = "fp32"  # the module's working weights (forward/backward compute)
     master_dtype: str = "fp32"  # what the optimizer updates
-    grad_accum_dtype: str = "fp32"  # gradients accumulated across micro-steps
+    grad_accum_dtype: str = "fp32"  # gradients accumulated across micro-steps (= master_dtype: they are its .grad)
     reduce_dtype: str = "fp32"  # gradients on the wire (communication_data_type)
     loss_scale: Optional[LossScalePolicy] = None  # fp16 only
+    buffer_dtype: Optional[str] = None  # floating module buffers are cast to it; None keeps them as loaded
 
     @property
     def mixed(self) -> bool:

@@ -12,8 +12,15 @@ This is the one place that reads `zero_optimization.stage`, `fp16`/`bf16`, `data
   `communication_data_type`; loss scaling dynamic when `fp16.loss_scale == 0`, else static.
   bf16 -> bf16 params, fp32 master, fp32 accumulation and fp32 reduction by default (a deliberate fix
   of DeepSpeed's bf16 accumulation, reference 7 #22); `data_types.grad_accum_dtype` and
-  `communication_data_type` override. `fp16_master_weights_and_grads` /
-  `bf16_master_weights_and_grads` keep master weights in 16 bits (ZeRO 1-3 only, as in DeepSpeed).
+  `communication_data_type` overrides. `fp16_master_weights_and_grads` /
+  `bf16_master_weights_and_grads` keep master weights (and their gradients) in 16 bits (ZeRO 1-3 only,
+  as in DeepSpeed).
+- Gradient accumulation dtype = the master weights' dtype: the accumulated gradients are the masters'
+  `.grad`, which the optimizer reads, and torch requires a gradient of its tensor's dtype. Any other
+  `data_types.grad_accum_dtype` is accepted with a warning and not used (DeepSpeed's separate 16-bit
+  accumulation buffer only saves memory while costing precision; fp32 masters keep fp32 sums).
+- `data_types.buffer_dtype`: floating module buffers are cast to it (None keeps them as loaded, as
+  DeepSpeed); a BatchNorm model under fp16/bf16 needs it set to the same 16-bit dtype.
 - Comm: bucket sizes, `overlap_comm` (default: true at stage 3 only), `gradient_allreduce_op`
   ("sum" is rejected at stage 3, as in DeepSpeed), pre-scaling knobs (rejected at stage 2 with
   `reduce_scatter` and "mean", where DeepSpeed asserts).
@@ -25,6 +32,7 @@ from typing import TYPE_CHECKING
 from dsrun.errors import ConfigError
 
 from .policies import CommPolicy, Device, LossScalePolicy, OffloadPolicy, PrecisionPolicy, ShardingPolicy
+from .schema import warn_ignored
 
 if TYPE_CHECKING:
     from .toplevel import TopLevelConfig
@@ -63,10 +71,18 @@ def _check_param_dtype(top: "TopLevelConfig", mode: str) -> None:
                           where="data_types.param_dtype", hint=f"remove it, or set it to {mode!r}")
 
 
+def _accum_dtype(top: "TopLevelConfig", master: str) -> str:
+    given = top.data_types.grad_accum_dtype
+    if given is not None and given != master:
+        warn_ignored("data_types.grad_accum_dtype", f"gradients accumulate in the master weights' dtype, {master}, "
+                                                    "as the optimizer reads them")
+    return master
+
+
 def precision_policy(top: "TopLevelConfig") -> PrecisionPolicy:
     fp16, bf16, stage = top.fp16, top.bf16, top.zero_optimization.stage
     comm = top.communication_data_type
-    accum = top.data_types.grad_accum_dtype
+    buffers = top.data_types.buffer_dtype
     if fp16.enabled and bf16.enabled:
         raise ConfigError("fp16 and bf16 cannot both be enabled", where="bf16.enabled",
                           hint="set one of fp16.enabled / bf16.enabled to false")
@@ -81,21 +97,19 @@ def precision_policy(top: "TopLevelConfig") -> PrecisionPolicy:
                                 consecutive_hysteresis=fp16.consecutive_hysteresis,
                                 min_loss_scale=float(fp16.min_loss_scale))
         master = "fp16" if fp16.fp16_master_weights_and_grads else "fp32"
-        return PrecisionPolicy(param_dtype="fp16", master_dtype=master, grad_accum_dtype=accum or "fp32",
-                               reduce_dtype=comm or "fp16", loss_scale=scale)
+        return PrecisionPolicy(param_dtype="fp16", master_dtype=master, grad_accum_dtype=_accum_dtype(top, master),
+                               reduce_dtype=comm or "fp16", loss_scale=scale, buffer_dtype=buffers)
     if bf16.enabled:
         _check_param_dtype(top, "bf16")
         if bf16.bf16_master_weights_and_grads and stage == 0:
             raise ConfigError("bf16_master_weights_and_grads is only supported with ZeRO stage 1, 2 or 3",
                               where="bf16.bf16_master_weights_and_grads")
         master = "bf16" if bf16.bf16_master_weights_and_grads else "fp32"
-        return PrecisionPolicy(param_dtype="bf16", master_dtype=master, grad_accum_dtype=accum or "fp32",
-                               reduce_dtype=comm or "fp32")
+        return PrecisionPolicy(param_dtype="bf16", master_dtype=master, grad_accum_dtype=_accum_dtype(top, master),
+                               reduce_dtype=comm or "fp32", buffer_dtype=buffers)
     _check_param_dtype(top, "fp32")
-    if accum not in (None, "fp32"):
-        raise ConfigError(f"data_types.grad_accum_dtype {accum!r} needs fp16 or bf16 enabled (the model is fp32)",
-                          where="data_types.grad_accum_dtype", hint="remove it, or enable fp16/bf16")
-    return PrecisionPolicy(reduce_dtype=comm or "fp32")
+    return PrecisionPolicy(grad_accum_dtype=_accum_dtype(top, "fp32"), reduce_dtype=comm or "fp32",
+                           buffer_dtype=buffers)
 
 
 def comm_policy(top: "TopLevelConfig") -> CommPolicy:

@@ -9,7 +9,15 @@ ctx)` turns a mapping into an instance and raises `ConfigError` naming the full 
 
 Field options live in dataclass metadata, built with `opt()`: `aliases` (other accepted spellings,
 e.g. `stage3_prefetch_bucket_size`), `choices` (case-insensitive string choices, normalised to the
-spelling listed), `check` (a callable `(value, where) -> value` for extra validation).
+spelling listed), `check` (a callable `(value, where) -> value` for extra validation), `inert` (see
+[Note: inert keys]).
+
+[Note: inert keys] Strict means "unknown to DeepSpeed is an error", not "not implemented by dsrun is
+an error". A key DeepSpeed accepts but dsrun does not act on is parsed and kept, and when its value
+would change anything (not the default, not a section with `enabled: false`) one
+`ConfigIgnoredKeyWarning` names its path and says why (`opt(inert="...")`). Keys DeepSpeed accepts
+without reading them at all are listed in a section's `_INERT` mapping (key -> reason): accepted with
+any value, warned about, and dropped. Python's warning registry shows each message once per process.
 
 Accepted type annotations: `bool`, `int`, `float`, `str`, `dict`, `list`, `Any`, `Optional[X]`,
 `Union[...]`, `Literal[...]` and nested `Section` subclasses. Numbers follow pydantic's lax mode, which
@@ -28,13 +36,14 @@ import dataclasses
 import difflib
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from dsrun.errors import ConfigError
 
-__all__ = ["ConfigDeprecationWarning", "Section", "opt", "parse_section", "ParseContext", "did_you_mean", "join",
-           "unknown_key_error", "convert"]
+__all__ = ["ConfigDeprecationWarning", "ConfigIgnoredKeyWarning", "Section", "opt", "parse_section", "ParseContext",
+           "did_you_mean", "join", "unknown_key_error", "convert", "warn_ignored"]
 
 _MISSING = dataclasses.MISSING
 
@@ -43,10 +52,26 @@ class ConfigDeprecationWarning(FutureWarning):
     """A deprecated DeepSpeed key was accepted and rewritten. A FutureWarning, so it is shown by default."""
 
 
+class ConfigIgnoredKeyWarning(UserWarning):
+    """A key DeepSpeed accepts was given a value that dsrun does not act on ([Note: inert keys])."""
+
+
+_ONCE: Dict[Any, Any] = {}  # warning registry: each message once per process (reset when filters change)
+
+
+def warn_ignored(path: str, reason: str) -> None:
+    """One line naming the key path and why dsrun ignores it ([Note: inert keys]). Issued with an explicit
+    location so that no source line of dsrun is printed under it."""
+    warnings.warn_explicit(f"{path}: accepted for DeepSpeed compatibility but ignored by dsrun ({reason})",
+                           ConfigIgnoredKeyWarning, "dsrun config", 0, module="dsrun.runtime.config", registry=_ONCE)
+
+
 def opt(default=_MISSING, *, factory=None, aliases: Tuple[str, ...] = (),
-        choices: Optional[Iterable[str]] = None, check: Optional[Callable[[Any, str], Any]] = None, doc: str = ""):
+        choices: Optional[Iterable[str]] = None, check: Optional[Callable[[Any, str], Any]] = None, doc: str = "",
+        inert: str = ""):
     """A dataclass field with config metadata (see the module docstring)."""
-    meta = {"aliases": tuple(aliases), "choices": tuple(choices) if choices else None, "check": check, "doc": doc}
+    meta = {"aliases": tuple(aliases), "choices": tuple(choices) if choices else None, "check": check, "doc": doc,
+            "inert": inert}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -281,14 +306,18 @@ def parse_section(cls, data, where: str, ctx: Optional[ParseContext] = None):
         raise _bad(data, cls, where)
     data = cls._before(dict(data), where, ctx)
     accepted = _accepted_names(cls)
+    inert_keys = getattr(cls, "_INERT", {})
     hints = _hints(cls)
     given: Dict[str, Tuple[str, Any]] = {}
     for key, value in data.items():
         if not isinstance(key, str):
             raise ConfigError(f"keys must be strings, got {key!r}", where=where or "<top level>")
+        if key in inert_keys:
+            warn_ignored(join(where, key), inert_keys[key])
+            continue
         name = accepted.get(key)
         if name is None:
-            raise unknown_key_error(key, where, [k for k in accepted if not k.startswith("_")],
+            raise unknown_key_error(key, where, [k for k in list(accepted) + list(inert_keys) if not k.startswith("_")],
                                     removed=getattr(cls, "_REMOVED", None))
         if name in given:
             raise ConfigError(f"'{key}' and '{given[name][0]}' set the same option; keep one",
@@ -318,6 +347,8 @@ def parse_section(cls, data, where: str, ctx: Optional[ParseContext] = None):
         check = f.metadata.get("check")
         if check is not None:
             value = check(value, path)
+        if f.metadata.get("inert") and _is_active(value, _default_of(f)):
+            warn_ignored(path, f.metadata["inert"])
         kwargs[f.name] = value
     for f in dataclasses.fields(cls):
         if f.name not in kwargs and f.default is _MISSING and f.default_factory is _MISSING:  # type: ignore[misc]
@@ -325,6 +356,24 @@ def parse_section(cls, data, where: str, ctx: Optional[ParseContext] = None):
     obj = cls(**kwargs)
     obj._check(where)
     return obj
+
+
+def _default_of(f):
+    if f.default is not _MISSING:
+        return f.default
+    if f.default_factory is not _MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _is_active(value, default) -> bool:
+    """Whether an inert key's value would change anything in DeepSpeed ([Note: inert keys])."""
+    if value is None or value == default:
+        return False
+    enabled = value.get("enabled") if isinstance(value, (Mapping, Section)) else None
+    if enabled is not None:
+        return bool(enabled)
+    return not (isinstance(value, Mapping) and not value)
 
 
 def _accepts_auto_literal(tp) -> bool:

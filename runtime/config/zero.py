@@ -10,6 +10,10 @@ Aliases and deprecations are resolved here, once, so that a `ZeroConfig` has one
   deprecated key together with its replacement is an error (DeepSpeed asserts).
 - `zero_optimization: true/false` (deprecated) is rewritten to `{stage: 1}` / `{stage: 0}` by the
   top-level section.
+
+`offload_param` below stage 3 is accepted with a warning and has no effect, as in DeepSpeed (only
+stage 3 partitions parameters); `offload_param_device` then reads "none". ZeRO++ and MiCS keys are
+accepted and ignored with a warning ([Note: inert keys] in schema.py).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any, Dict, Optional
 
 from dsrun.errors import ConfigError
 
-from .schema import ConfigDeprecationWarning, ParseContext, Section, join, opt
+from .schema import ConfigDeprecationWarning, ParseContext, Section, join, opt, warn_ignored
 
 __all__ = ["ZeroConfig", "OffloadOptimizerConfig", "OffloadParamConfig"]
 
@@ -90,6 +94,7 @@ class OffloadParamConfig(Section):
 
 
 _DEPRECATED_OFFLOAD = {"cpu_offload": "offload_optimizer", "cpu_offload_param": "offload_param"}
+_ZEROPP = "ZeRO++ / MiCS are not implemented by dsrun"
 
 
 @dataclass(frozen=True)
@@ -129,13 +134,13 @@ class ZeroConfig(Section):
     ignore_unused_parameters: bool = opt(True)
     legacy_stage1: bool = opt(False)
     round_robin_gradients: bool = opt(False)
-    zero_hpz_partition_size: int = opt(1, check=_positive)
-    zero_quantized_weights: bool = opt(False)
-    zero_quantized_nontrainable_weights: bool = opt(False)
-    zero_quantized_gradients: bool = opt(False)
-    zeropp_loco_param: Optional[Dict[str, Any]] = opt(None)
-    mics_shard_size: int = opt(-1)
-    mics_hierarchical_params_gather: bool = opt(False)
+    zero_hpz_partition_size: int = opt(1, check=_positive, inert=_ZEROPP)
+    zero_quantized_weights: bool = opt(False, inert=_ZEROPP)
+    zero_quantized_nontrainable_weights: bool = opt(False, inert=_ZEROPP)
+    zero_quantized_gradients: bool = opt(False, inert=_ZEROPP)
+    zeropp_loco_param: Optional[Dict[str, Any]] = opt(None, inert=_ZEROPP)
+    mics_shard_size: int = opt(-1, inert=_ZEROPP)
+    mics_hierarchical_params_gather: bool = opt(False, inert=_ZEROPP)
     memory_efficient_linear: bool = opt(True)
     override_module_apply: bool = opt(True)
     pipeline_loading_checkpoint: bool = opt(False)
@@ -161,7 +166,8 @@ class ZeroConfig(Section):
 
     @property
     def offload_param_device(self) -> str:
-        return self.offload_param.device if self.offload_param else "none"
+        """The parameter offload device; "none" below stage 3, where offload_param has no effect."""
+        return self.offload_param.device if self.offload_param and self.stage == 3 else "none"
 
     @classmethod
     def _before(cls, data: Dict[str, Any], where: str, ctx: ParseContext) -> Dict[str, Any]:
@@ -201,10 +207,9 @@ class ZeroConfig(Section):
         if self.offload_optimizer is not None and self.offload_optimizer.ratio < 1.0 and self.stage != 3:
             raise ConfigError(f"partial offloading (ratio {self.offload_optimizer.ratio}) needs stage 3, "
                               f"but stage is {self.stage}", where=join(where, "offload_optimizer.ratio"))
-        if self.offload_param_device != "none" and self.stage != 3:
-            raise ConfigError(f"offload_param needs stage 3 (parameters are only partitioned at stage 3), "
-                              f"but stage is {self.stage}", where=join(where, "offload_param.device"),
-                              hint="set stage to 3, or use offload_optimizer for stages 1-2")
+        if self.offload_param is not None and self.offload_param.device != "none" and self.stage != 3:
+            warn_ignored(join(where, "offload_param"), f"parameters are only partitioned, and offloaded, at stage 3; "
+                                                       f"stage is {self.stage}")
         if self.offload_optimizer_device != "none" and self.stage == 0:
             raise ConfigError("offload_optimizer needs ZeRO stage 1, 2 or 3, but stage is 0",
                               where=join(where, "offload_optimizer.device"), hint="set stage to 1, 2 or 3")

@@ -6,9 +6,10 @@ buffers; this package decides scales and casts.
 """
 from .loss_scaler import (DynamicLossScaler, LossScaleAtMinimum, LossScaler, StaticLossScaler,  # noqa: F401
                           build_loss_scaler)
+from .cast import cast_buffers  # noqa: F401
 
 __all__ = ["LossScaler", "StaticLossScaler", "DynamicLossScaler", "LossScaleAtMinimum", "build_loss_scaler",
-           "checks_overflow"]
+           "checks_overflow", "cast_buffers"]
 
 
 def checks_overflow(precision, *, bf16_check: bool = True) -> bool:
