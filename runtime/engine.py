@@ -44,18 +44,19 @@ import torch.distributed as dist
 from dsrun.errors import ConfigError
 
 from .config.policies import torch_dtype
-from .engine_compat import EngineCompat
-from .precision import build_loss_scaler, checks_overflow
+from .engine_compat import EngineCompat, compat_getattr, optimizer_view
+from .precision import build_loss_scaler, cast_buffers, checks_overflow
 from .shard_state import MASTER_KEY, ParamShard, ReadFn
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "DeepSpeedEngine"]
 
 log = logging.getLogger("dsrun")
 
 
-class Engine(EngineCompat):
+class Engine(EngineCompat, torch.nn.Module):
     def __init__(self, *, model: torch.nn.Module, config, optimizer=None, model_parameters=None,
                  lr_scheduler=None, training_data=None, collate_fn=None, dp_group=None):
+        super().__init__()
         self.config = config
         self.module = model
         self.dp_group = dp_group
@@ -79,6 +80,7 @@ class Engine(EngineCompat):
 
         # 1. placement
         model.to(self.device)
+        cast_buffers(model, config.precision)
         # 2. optimizer
         self.optimizer = self._make_optimizer(optimizer, model_parameters)
         self.basic_optimizer = self.optimizer
@@ -99,6 +101,8 @@ class Engine(EngineCompat):
         self.lr_scheduler = self._make_scheduler(lr_scheduler)
         self._skip_on_device = (self._check_overflow and not self.loss_scaler.dynamic and self.zero is not None
                                 and self.zero.skips_on_device)
+        if self.basic_optimizer is not None:  # DeepSpeed's wrapper attributes (loss_scaler, overflow, ...)
+            self.optimizer = optimizer_view(self.basic_optimizer, self)
         # 5. data
         self.training_dataloader = None
         if training_data is not None:
@@ -335,18 +339,13 @@ class Engine(EngineCompat):
         return torch_dtype(self.precision.reduce_dtype)
 
     def train(self, mode: bool = True):
-        self.module.train(mode)
-        return self
+        return torch.nn.Module.train(self, mode)  # recurses into self.module
 
     def eval(self):
-        self.module.eval()
-        return self
+        return self.train(False)
 
     def __getattr__(self, name):
-        module = self.__dict__.get("module")
-        if module is None:
-            raise AttributeError(name)
-        return getattr(module, name)
+        return compat_getattr(self, name)
 
     # -- checkpoint state (runtime/checkpoint/ writes the files; see runtime/shard_state.py) --------
 
@@ -446,3 +445,6 @@ def _cast_floating(obj, dtype):
     if isinstance(obj, dict):
         return {k: _cast_floating(v, dtype) for k, v in obj.items()}
     return obj
+
+
+DeepSpeedEngine = Engine  # `from deepspeed.runtime.engine import DeepSpeedEngine`

@@ -126,6 +126,7 @@ class HangWatchdog:
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0)
+        self.store = None  # a held store keeps its native thread alive past the process group ([Note: teardown at exit])
 
     def _run(self) -> None:
         import torch.distributed as dist
