@@ -13,7 +13,6 @@ import textwrap
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
 
 SCRIPT = textwrap.dedent("""
     import torch
@@ -55,6 +54,8 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_triton_kernels_match_reference_in_interpreter():
+    if importlib.util.find_spec("triton") is None:  # .ci/run installs the CPU wheel: this test never skips
+        pytest.fail("Triton is not installed: `pip install triton` (its interpreter runs on CPU)")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DSRUN_")}
     env["TRITON_INTERPRET"] = "1"
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)

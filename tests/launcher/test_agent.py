@@ -8,7 +8,6 @@ import io
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -124,9 +123,8 @@ def test_user_args_reach_the_script_through_the_module_entry(tmp_path):
     assert json.loads(proc.stdout.split(" ", 2)[2]) == ["--local_rank=0", "echo", *ODD_ARGS]
 
 
-@pytest.mark.skipif(shutil.which("dsrun") is None, reason="dsrun console script not installed")
 def test_user_args_through_the_dsrun_command(tmp_path):
-    proc = subprocess.run(["dsrun", "--num_gpus", "2", WORKER, "echo", *ODD_ARGS], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", WORKER, "echo", *ODD_ARGS], capture_output=True,
                           text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     lines = sorted(proc.stdout.splitlines())
@@ -134,9 +132,8 @@ def test_user_args_through_the_dsrun_command(tmp_path):
         [[f"--local_rank={r}", "echo", *ODD_ARGS] for r in (0, 1)]
 
 
-@pytest.mark.skipif(shutil.which("dsrun") is None, reason="dsrun console script not installed")
 def test_dsrun_command_propagates_the_exit_code(tmp_path):
-    proc = subprocess.run(["dsrun", "--num_gpus", "2", WORKER, "exit", "1", "5"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", WORKER, "exit", "1", "5"], capture_output=True,
                           text=True, timeout=60, cwd=tmp_path, env={**os.environ, "DSRUN_TEST_OUT": str(tmp_path)})
     assert proc.returncode == 5, proc.stderr
     assert "Root cause (first failure): rank 1" in proc.stderr

@@ -37,15 +37,8 @@ time.sleep(120)
 
 MPI_DISCOVERY = """
 import torch, torch.distributed as dist
-try:
-    import dsrun
-    dsrun.init_distributed(dist_backend="gloo")
-except (ImportError, AttributeError):
-    from dsrun.runtime.dist_env import discover
-    import os
-    d = discover(os.environ)
-    dist.init_process_group("gloo", init_method=f"tcp://{d.master_addr}:{d.master_port}", rank=d.rank,
-                            world_size=d.world_size)
+import dsrun
+dsrun.init_distributed(dist_backend="gloo")  # must find rank, world and master from Open MPI's variables
 t = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(t)
 import sys

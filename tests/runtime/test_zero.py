@@ -107,6 +107,7 @@ def _overflow_job(rank, world, stage):
         model=model(), config=config(stage, fp16={"enabled": True, "initial_scale_power": 4, "hysteresis": 1},
                                      scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 10}}))
     before = [p.detach().clone() for p in engine.module.parameters()]
+    sched_start = sched.last_batch_iteration
     x = torch.randn(1, 6).half()
     bad = engine(x).float().sum() * (float("inf") if rank == 1 else 1.0)  # one rank overflows: all skip
     engine.backward(bad)
@@ -116,16 +117,18 @@ def _overflow_job(rank, world, stage):
                all(torch.equal(a, b) for a, b in zip(before, engine.module.parameters())))
     engine.backward(engine(x).float().sum())
     engine.step()
-    applied = (engine.skipped_steps, engine.global_steps, engine.was_step_applied())
-    return skipped, applied
+    applied = (engine.skipped_steps, engine.global_steps, engine.was_step_applied(),
+               sched.last_batch_iteration - sched_start)
+    return skipped, applied, sched_start
 
 
 @pytest.mark.parametrize("stage", (0, 2))
 def test_overflow_skips_step_and_scheduler_on_every_rank(stage):
-    for skipped, applied in run_ranks(_overflow_job, world_size=2, args=(stage,)):
+    for skipped, applied, sched_start in run_ranks(_overflow_job, world_size=2, args=(stage,)):
         n_skipped, steps, was_applied, scale, sched_iter, unchanged = skipped
         assert (n_skipped, steps, was_applied, scale, unchanged) == (1, 1, False, 8.0, True)
-        assert applied == (1, 2, True)
+        assert sched_iter == sched_start  # the skipped step did not advance the schedule
+        assert applied == (1, 2, True, 1)  # the applied one advanced it once
 
 
 def _shards_job(rank, world, stage):
