@@ -242,7 +242,12 @@ def build_spec(params: Dict, *, environ: Dict[str, str], cwd: str, python: str,
 
 def _check_master_port(spec: LaunchSpec, launch_plan: LaunchPlan) -> None:
     """An explicit port must be free where rank 0 (its TCPStore) will run: here, for local runs and for
-    `--no_ssh` node 0."""
+    `--no_ssh` node 0.
+
+    Best effort only: it catches a port that is already taken, not a job started at the same moment
+    (both see the port free). The rendezvous itself refuses a second job on the port (runtime/dist.py,
+    [Note: one job per store]); ports on other nodes are never checked from here.
+    """
     if spec.master_port is None or launch_plan.launcher != "local":
         return
     if launch_plan.node_rank in (None, 0):
