@@ -118,7 +118,12 @@ def _job_store(addr: str, port: int, rank: int, world_size: int, timeout: timede
     if rank == 0:
         owner = store.compare_set(JOB_ID_KEY, "", job_id).decode(errors="replace")
     else:
-        owner = store.get(JOB_ID_KEY).decode(errors="replace")  # waits for rank 0, up to `timeout`
+        try:
+            owner = store.get(JOB_ID_KEY).decode(errors="replace")  # waits for rank 0, up to `timeout`
+        except dist.DistStoreError:
+            raise LaunchError(f"rank {rank} of job {job_id} reached a rendezvous store at {addr}:{port}, but no rank 0 "
+                              f"published a job id there within {timeout}", where="MASTER_PORT",
+                              hint="rank 0 may have failed to start, or another program owns the port") from None
     if owner != job_id:
         raise LaunchError(f"the rendezvous store at {addr}:{port} belongs to job {owner}, but this is rank {rank} of "
                           f"job {job_id}: two jobs share port {port}", where="MASTER_PORT",

@@ -315,3 +315,41 @@ def test_a_3000_host_dry_run_is_fast_and_linear(box, launcher):
         sizes[hosts] = len(result.stdout)
     assert elapsed < 10, elapsed  # the 3000-host run; hosts² planning took minutes
     assert sizes[3000] < 3.5 * sizes[1000], sizes  # linear: 3x the hosts, 3x the plan
+
+
+_JOIN = textwrap.dedent("""\
+    from dsrun.runtime.api import install_excepthook
+    from dsrun.runtime.dist import init_distributed
+    install_excepthook()
+    init_distributed(dist_backend="gloo")
+    raise SystemExit("joined a foreign store")
+    """)
+
+
+def test_a_rank_never_joins_a_store_that_is_not_its_jobs(box):
+    """Rank 0 that finds the store (here torchrun-style: hosted elsewhere) owned by another job, and a
+    rank 1 whose store never gets a job id, both stop with a LaunchError instead of joining."""
+    import datetime
+
+    import torch.distributed as dist
+
+    foreign = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=30))
+    lonely = None
+    try:
+        foreign.set("dsrun/job_id", "other-job")
+        env = dsrun_env(box, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(foreign.port), WORLD_SIZE="2",
+                        LOCAL_RANK="0", DSRUN_JOB_ID="this-job", TORCHELASTIC_USE_AGENT_STORE="True")
+        rank0 = subprocess.Popen([sys.executable, "-c", _JOIN], env={**env, "RANK": "0"}, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=box.work)
+        lonely = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=datetime.timedelta(seconds=30))  # no rank 0 in it
+        env1 = {**env, "RANK": "1", "MASTER_PORT": str(lonely.port), "DEEPSPEED_TIMEOUT": "0.05"}
+        env1.pop("TORCHELASTIC_USE_AGENT_STORE")
+        rank1 = subprocess.run([sys.executable, "-c", _JOIN], env=env1, capture_output=True, text=True,
+                               cwd=box.work, timeout=120)
+        out0, err0 = rank0.communicate(timeout=120)
+    finally:
+        foreign = lonely = None  # closes both servers
+    assert rank0.returncode == 2, err0
+    assert f"127.0.0.1:{env['MASTER_PORT']} belongs to job other-job, but this is rank 0 of job this-job" in err0
+    assert rank1.returncode == 2, rank1.stderr
+    assert "no rank 0 published a job id" in rank1.stderr and "Traceback" not in rank1.stderr
