@@ -34,11 +34,14 @@ _LIMIT_HINT = (f"slots counts ranks (processes) on that host: at most {MAX_SLOTS
 
 
 def _check_host(host: str, where: str) -> None:
-    """Refuse names that a host-list tool would misread: a leading `-` (an option) or a `,` (a separator)."""
+    """Refuse names that a host-list tool would misread: a leading `-` (an option), a `,` (a separator),
+    or a control character."""
     name = host.rpartition("@")[2]
     if host.startswith("-") or name.startswith("-"):
         raise HostfileError(f"host name {host!r} starts with '-': pdsh and mpirun would read it as an option",
                             where=where, hint=_HOST_HINT)
+    if not host.isprintable():  # a NUL or control character: no resolver knows it, exec would refuse a NUL
+        raise HostfileError(f"host name {host!r} contains a control character", where=where, hint=_HOST_HINT)
     if "," in host:
         raise HostfileError(f"host name {host!r} contains ',': pdsh and mpirun would split it into two hosts",
                             where=where, hint=_HOST_HINT)

@@ -133,6 +133,7 @@ def test_minus_one_still_means_not_given(box):
     ("hf", "ok slots=1\nuser@-x slots=1\n", 2, "starts with '-'"),
     ("hf.yaml", "hosts:\n  - {host: ok, slots: 1}\n  - {host: -x, slots: 1}\n", 3, "starts with '-'"),
     ("hf", "a,b slots=1\n", 1, "contains ','"),
+    ("hf", "ok slots=1\na\x00b slots=1\n", 2, "control character"),
 ])
 def test_hostfile_entries_that_would_be_misread(box, name, text, line, fragment):
     path = write(box, name, text)
@@ -280,8 +281,18 @@ def test_two_jobs_on_one_port_never_mix(box):
 
 def test_jobs_sharing_a_rank_log_folder_keep_their_logs_and_records_apart(box):
     logs = box.tmp / "ranks"
-    script = write(box, "fail.py", "import os, sys\nprint('job', os.environ['DSRUN_JOB_ID'])\n"
-                                   "sys.exit(3 if os.environ['RANK'] == '1' else 0)\n")
+    script = write(box, "fail.py", textwrap.dedent("""\
+        import os, sys, time
+        job = os.environ["DSRUN_JOB_ID"]
+        print("job", job, flush=True)
+        if os.environ["RANK"] == "0":
+            open(job + ".printed", "w").close()
+            sys.exit(0)
+        deadline = time.monotonic() + 60  # fail only once rank 0 has printed: teardown must not race it
+        while not os.path.exists(job + ".printed") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sys.exit(3)
+        """))
     for _ in range(2):
         done = subprocess.run(dsrun_cmd("--num_gpus", "2", "--enable_each_rank_log", str(logs), "--grace_period", "1",
                                         "--no_local_rank", script), capture_output=True, text=True,
