@@ -338,8 +338,8 @@ _JOIN = textwrap.dedent("""\
 
 
 def test_a_rank_never_joins_a_store_that_is_not_its_jobs(box):
-    """Rank 0 that finds the store (here torchrun-style: hosted elsewhere) owned by another job, and a
-    rank 1 whose store never gets a job id, both stop with a LaunchError instead of joining."""
+    """Rank 0 that finds the store (here torchrun-style: hosted elsewhere) owned by another job, a rank 1
+    whose store never gets a job id, and a rank 0 whose port is taken all stop with a LaunchError."""
     import datetime
 
     import torch.distributed as dist
@@ -358,9 +358,15 @@ def test_a_rank_never_joins_a_store_that_is_not_its_jobs(box):
         rank1 = subprocess.run([sys.executable, "-c", _JOIN], env=env1, capture_output=True, text=True,
                                cwd=box.work, timeout=120)
         out0, err0 = rank0.communicate(timeout=120)
+        env0 = {**env, "RANK": "0", "MASTER_PORT": str(lonely.port)}  # the port is taken: rank 0 cannot host
+        env0.pop("TORCHELASTIC_USE_AGENT_STORE")
+        taken = subprocess.run([sys.executable, "-c", _JOIN], env=env0, capture_output=True, text=True,
+                               cwd=box.work, timeout=120)
     finally:
         foreign = lonely = None  # closes both servers
     assert rank0.returncode == 2, err0
     assert f"127.0.0.1:{env['MASTER_PORT']} belongs to job other-job, but this is rank 0 of job this-job" in err0
     assert rank1.returncode == 2, rank1.stderr
     assert "no rank 0 published a job id" in rank1.stderr and "Traceback" not in rank1.stderr
+    assert taken.returncode == 2, taken.stderr
+    assert f"cannot host the rendezvous on port {env0['MASTER_PORT']}: the port is already in use" in taken.stderr
