@@ -138,8 +138,8 @@ class _DsrunCommand(click.Command):
               help="Hosts/slots to leave out (same syntax as --include).")
 @click.option("--num_nodes", type=_Count("--num_nodes", resources.MAX_WORLD_SIZE, "a number of hosts >= 0"),
               default=-1, show_default=True, help="Use the first N hosts.")
-@click.option("--num_gpus", "--num_accelerators", "num_gpus", default=-1,
-              type=_Count("--num_gpus", resources.MAX_SLOTS_PER_HOST, "a number of ranks per node >= 0"), show_default=True,
+@click.option("--num_gpus", "--num_accelerators", "num_gpus", default=-1, show_default=True,
+              type=_Count("--num_gpus", resources.MAX_SLOTS_PER_HOST, "a number of ranks per node >= 0"),
               help="Ranks per node (replaces the slot list with 0..N-1; CPU ranks without GPUs).")
 @click.option("--master_port", type=click.IntRange(1, 65535), default=None,
               help="Rendezvous port. Default: a free port on one node, 29500 across nodes.")

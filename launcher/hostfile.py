@@ -122,7 +122,8 @@ def parse_yaml_hostfile(text: str, path: str = "hostfile.yaml") -> Dict[str, int
             name = key.value if isinstance(key, yaml.ScalarNode) else "(not a name)"
             raise HostfileError(f"unknown key {name!r}", where=f"{path}:{key.start_mark.line + 1}", hint=shape)
         if key.value in top:
-            raise HostfileError(f"`{key.value}:` is given twice (first on line {top[key.value][0].start_mark.line + 1})",
+            first = top[key.value][0].start_mark.line + 1
+            raise HostfileError(f"`{key.value}:` is given twice (first on line {first})",
                                 where=f"{path}:{key.start_mark.line + 1}", hint="keep one `hosts:` list")
         top[key.value] = (key, value)
     if "hosts" not in top or not isinstance(top["hosts"][1], yaml.SequenceNode) or not top["hosts"][1].value:

@@ -13,8 +13,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from dsrun.errors import FilterError
 
-__all__ = ["MAX_SLOTS_PER_HOST", "MAX_WORLD_SIZE", "check_filter_flags", "parse_filter", "parse_resource_filter", "parse_inclusion_exclusion", "select_resources",
-           "local_pool", "local_gpus", "parse_visible_devices", "LOCAL_HOST"]
+__all__ = ["MAX_SLOTS_PER_HOST", "MAX_WORLD_SIZE", "check_filter_flags", "parse_filter", "parse_resource_filter",
+           "parse_inclusion_exclusion", "select_resources", "local_pool", "local_gpus", "parse_visible_devices",
+           "LOCAL_HOST"]
 
 log = logging.getLogger("dsrun.launcher")
 
@@ -124,7 +125,7 @@ def select_resources(pool: Dict[str, int], *, include: str = "", exclude: str = 
         short = [host for host in active if pool.get(host, 0) < num_gpus]
         if short:
             log.warning("--num_gpus %d exceeds the hostfile's slots on %s; starting %d ranks per node anyway",
-                        num_gpus, ", ".join(short), num_gpus)
+                        num_gpus, _short(short), num_gpus)
         if num_gpus * len(active) > MAX_WORLD_SIZE:
             raise FilterError(f"--num_gpus {num_gpus} on {len(active)} nodes makes {num_gpus * len(active)} ranks; "
                               f"the limit is {MAX_WORLD_SIZE}", where="--num_gpus", hint="use fewer nodes or ranks")
