@@ -21,9 +21,10 @@ Exit code: the root-cause rank's own code (128+N for death by signal N); a signa
 gives 128+signo unless a rank had already failed; lifeline EOF gives 129 (as SIGHUP).
 
 [Note: per-rank log files] With `--enable_each_rank_log DIR`, as in DeepSpeed, each rank's stdout and
-stderr go only to `DIR/<YYYYmmddHHMMSS>_rank<N>.log` (no console copy: the flag exists to keep 64
-ranks off the terminal); the failure summary still shows the root cause's last lines, read back from
-its file.
+stderr go only to `DIR/<YYYYmmddHHMMSS>_rank<N>.<job_id>.log` (no console copy: the flag exists to keep
+64 ranks off the terminal); the failure summary still shows the root cause's last lines, read back from
+its file. The job id in the name (DeepSpeed has none) keeps two jobs sharing DIR apart, and the failure
+record goes to `DIR/<job_id>/failure.json` for the same reason (unless `--log_dir` is given).
 """
 from __future__ import annotations
 
@@ -236,11 +237,28 @@ class NodeAgent:
                                   where="--enable_each_rank_log") from None
 
     def _write_pid_file(self) -> str:
+        """Write the pid to `pid_file_path()` without following any planted link.
+
+        [Note: pid file in /tmp] The name is predictable and /tmp is shared, so the pid is written to a
+        fresh temp file (O_CREAT|O_EXCL|O_NOFOLLOW: it cannot be someone else's file or link) that is
+        then renamed over the name: a symlink there is replaced, never followed. A reader sees no file
+        or the whole pid.
+        """
         path = pid_file_path(os.getpid())
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{os.getpid()}")
-        os.replace(tmp, path)  # atomic: a reader sees no file or the whole pid
+        tmp = f"{path}.{os.urandom(8).hex()}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(tmp, flags, 0o644)
+            try:
+                os.write(fd, str(os.getpid()).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as e:
+            _unlink(tmp)
+            what = "is a directory" if os.path.isdir(path) and not os.path.islink(path) else (e.strerror or str(e))
+            raise LaunchError(f"cannot write the pid file {path}: {what}", where="--save_pid",
+                              hint=f"remove {path} (something else created it), or drop --save_pid") from None
         self._note(f"launcher pid: {os.getpid()} (pid file {path})", 10)
         return path
 
@@ -342,7 +360,8 @@ class NodeAgent:
     def _spawn_one(self, sel, r: _Rank, argv, env, stdin, preexec, stamp) -> None:
         log = None
         if self.worker.each_rank_log_dir:
-            r.log_file = os.path.join(self.worker.each_rank_log_dir, f"{stamp}_rank{r.rank}.log")
+            r.log_file = os.path.join(self.worker.each_rank_log_dir,
+                                      f"{stamp}_rank{r.rank}.{self.spec.job_id.replace(os.sep, '_')}.log")
             log = open(r.log_file, "a")
         try:
             r.proc = subprocess.Popen(
@@ -549,7 +568,9 @@ class NodeAgent:
     # ---------------------------------------------------------------- report
     def _record_dir(self) -> str:
         """The one folder for this job's failure record and the ranks' error files."""
-        return self.worker.log_dir or self.worker.each_rank_log_dir or default_log_dir(self.spec.job_id)
+        shared = self.worker.each_rank_log_dir  # maybe shared by other jobs: [Note: per-rank log files]
+        return (self.worker.log_dir or (shared and os.path.join(shared, self.spec.job_id.replace(os.sep, "_")))
+                or default_log_dir(self.spec.job_id))
 
     def _fresh_error_file(self, rank: int) -> str:
         path = error_file_path(self._record_dir(), rank)

@@ -13,17 +13,31 @@ from dsrun.errors import UsageError
 
 from .spec import WorkerOptions
 
-__all__ = ["worker_argv", "parse_range_list", "format_range_list", "cores_for_rank", "numactl_prefix"]
+__all__ = ["MAX_CORE_ID", "worker_argv", "parse_range_list", "format_range_list", "cores_for_rank", "numactl_prefix"]
+
+
+# Linux supports at most 8192 CPUs (CONFIG_NR_CPUS with MAXSMP); the bound keeps a typo such as
+# `0-99999999999` from expanding into a list of a hundred billion ints.
+MAX_CORE_ID = 65535
 
 
 def parse_range_list(text: str, flag: str = "--bind_core_list") -> List[int]:
-    """Parse a core list like `0,2-4,6` (ascending, non-overlapping, `a-b` with a <= b; DeepSpeed rules)."""
+    """Parse a core list like `0,2-4,6` (ascending, non-overlapping, `a-b` with a <= b; DeepSpeed rules).
+
+    Core ids are 0..`MAX_CORE_ID`.
+    """
     cores: List[int] = []
     for item in text.split(","):
-        match = re.fullmatch(r"(\d+)(?:-(\d+))?", item)
+        match = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", item)
         if match is None:
             raise UsageError(f"bad range {item!r} in {text!r}", where=flag,
                              hint="use ascending cores and ranges without spaces, e.g. 0,2-4,6")
+        for digits in match.groups():
+            value = (digits or "0").lstrip("0") or "0"
+            if len(value) > len(str(MAX_CORE_ID)) or int(value) > MAX_CORE_ID:
+                shown = digits if len(digits) <= 20 else digits[:20] + "..."
+                raise UsageError(f"core {shown} in {item!r} is above the highest core id {MAX_CORE_ID}",
+                                 where=flag, hint="list this machine's cores, e.g. 0-15 (see `lscpu`)")
         low = int(match.group(1))
         high = int(match.group(2)) if match.group(2) is not None else low
         if high < low:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import secrets
 import sys
 from typing import Dict, List, Optional, Sequence
@@ -47,6 +49,50 @@ class _ParserType(click.ParamType):
         return value
 
 
+class _Count(click.ParamType):
+    """An int that is -1 ("not given", DeepSpeed's default) or within 0..`high`."""
+
+    name = "integer"
+
+    def __init__(self, flag: str, high: int, what: str):
+        self._flag, self._high, self._what = flag, high, what
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if re.fullmatch(r"-?[0-9]{1,12}", text) is None:
+            raise UsageError(f"{value!r} is not a whole number", where=self._flag, hint=f"give {self._what}")
+        number = int(text)
+        if number != -1 and not 0 <= number <= self._high:
+            raise UsageError(f"{number} is out of range: use 0..{self._high}, or leave the flag out",
+                             where=self._flag, hint=f"give {self._what}")
+        return number
+
+
+class _Seconds(click.ParamType):
+    """A finite number of seconds in [`low`, `high`] (`nan` and `inf` compare false and would slip past
+    click's FloatRange); `open_low` excludes `low` itself."""
+
+    name = "seconds"
+
+    def __init__(self, flag: str, low: float, high: float, *, open_low: bool = False):
+        self._flag, self._low, self._high, self._open_low = flag, low, high, open_low
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{value!r} is not a number of seconds", where=self._flag) from None
+        too_low = number <= self._low if self._open_low else number < self._low
+        if not math.isfinite(number) or too_low or number > self._high:
+            bound = f"above {self._low:g}" if self._open_low else f"at least {self._low:g}"
+            raise UsageError(f"{value!r} is not a valid number of seconds: it must be finite, {bound} and at most "
+                             f"{self._high:g}", where=self._flag)
+        return number
+
+
+_DAY_S = 24 * 3600.0
 FILTER_INCLUDE = _ParserType("filter", lambda v: resources.parse_filter(v, "--include"))
 FILTER_EXCLUDE = _ParserType("filter", lambda v: resources.parse_filter(v, "--exclude"))
 CORE_LIST = _ParserType("cores", parse_range_list)
@@ -90,8 +136,10 @@ class _DsrunCommand(click.Command):
               help="Hosts/slots to use: HOST[:SLOT,...][@HOST...], e.g. worker-0:0,1@worker-1.")
 @click.option("-e", "--exclude", default="", type=FILTER_EXCLUDE, metavar="FILTER",
               help="Hosts/slots to leave out (same syntax as --include).")
-@click.option("--num_nodes", type=int, default=-1, show_default=True, help="Use the first N hosts.")
-@click.option("--num_gpus", "--num_accelerators", "num_gpus", type=int, default=-1, show_default=True,
+@click.option("--num_nodes", type=_Count("--num_nodes", resources.MAX_WORLD_SIZE, "a number of hosts >= 0"),
+              default=-1, show_default=True, help="Use the first N hosts.")
+@click.option("--num_gpus", "--num_accelerators", "num_gpus", default=-1, show_default=True,
+              type=_Count("--num_gpus", resources.MAX_SLOTS_PER_HOST, "a number of ranks per node >= 0"),
               help="Ranks per node (replaces the slot list with 0..N-1; CPU ranks without GPUs).")
 @click.option("--master_port", type=click.IntRange(1, 65535), default=None,
               help="Rendezvous port. Default: a free port on one node, 29500 across nodes.")
@@ -123,10 +171,11 @@ class _DsrunCommand(click.Command):
 @click.option("--max_restarts", type=click.IntRange(min=0), default=0, show_default=True,
               help="Restart the ranks of a failed node up to N times.")
 @click.option("--log_dir", metavar="DIR", default=None, help="Where failure records and agent logs go.")
-@click.option("--grace_period", type=click.FloatRange(min=0), default=5.0, show_default=True,
+@click.option("--grace_period", type=_Seconds("--grace_period", 0.0, _DAY_S), default=5.0, show_default=True,
               help="Seconds between SIGTERM and SIGKILL when tearing down.")
 @click.option("--ssh_accept_unknown_hosts", is_flag=True, help="Add unknown SSH host keys instead of refusing.")
-@click.option("--ssh_connect_timeout", type=click.FloatRange(min=0, min_open=True), default=10.0,
+@click.option("--ssh_connect_timeout", type=_Seconds("--ssh_connect_timeout", 0.0, _DAY_S, open_low=True),
+              default=10.0,
               show_default=True, help="Seconds to wait for each SSH connection.")
 @click.option("--ssh_max_parallel", type=click.IntRange(min=1), default=64, show_default=True,
               help="Most SSH connections opened at once.")
@@ -193,7 +242,12 @@ def build_spec(params: Dict, *, environ: Dict[str, str], cwd: str, python: str,
 
 def _check_master_port(spec: LaunchSpec, launch_plan: LaunchPlan) -> None:
     """An explicit port must be free where rank 0 (its TCPStore) will run: here, for local runs and for
-    `--no_ssh` node 0."""
+    `--no_ssh` node 0.
+
+    Best effort only: it catches a port that is already taken, not a job started at the same moment
+    (both see the port free). The rendezvous itself refuses a second job on the port (runtime/dist.py,
+    [Note: one job per store]); ports on other nodes are never checked from here.
+    """
     if spec.master_port is None or launch_plan.launcher != "local":
         return
     if launch_plan.node_rank in (None, 0):

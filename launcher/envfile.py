@@ -9,7 +9,7 @@ absolute interpreter path anyway. hostfiles/README.md documents this for users.
 
 Files use dotenv syntax: `KEY=VALUE`, blank lines, `#` comments, an optional `export ` prefix, and
 values in single or double quotes (quotes stripped). Nothing is expanded: `$HOME` and `$(cmd)` stay
-literal. Bad lines raise `EnvFileError` with `path:line`.
+literal. Bad lines (and NUL bytes, even in comments) raise `EnvFileError` with `path:line`.
 """
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ def parse_env_file(text: str, path: str = ENV_FILE_NAME) -> Dict[str, str]:
     result: Dict[str, str] = {}
     for lineno, raw in enumerate(text.splitlines(), start=1):
         where = f"{path}:{lineno}"
+        if "\0" in raw:  # no environment variable can hold one: exec would refuse the whole environment
+            raise EnvFileError(f"a NUL byte at column {raw.index(chr(0)) + 1}", where=where,
+                               hint="the file must be plain text; remove the NUL byte")
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -63,8 +63,13 @@ def _world_info(spec: LaunchSpec) -> Dict[str, List[int]]:
     world_info = resources.select_resources(pool, include=spec.include, exclude=spec.exclude,
                                             num_nodes=spec.num_nodes, num_gpus=spec.num_gpus)
     if not world_info:
-        flag = "--include" if spec.include else "--exclude" if spec.exclude else "--hostfile"
-        raise FilterError("no slots are left to run on", where=flag, hint="keep at least one host with slots")
+        if spec.include or spec.exclude:
+            flag = "--include" if spec.include else "--exclude"
+            raise FilterError(f"{flag} {spec.include or spec.exclude!r} leaves no slots to run on", where=flag,
+                              hint="keep at least one slot of a host with slots > 0")
+        source = spec.hostfile or "--hostfile"
+        raise FilterError("no host has any slots (every entry reads slots=0): nothing would run", where=source,
+                          hint="give at least one host slots=N with N >= 1")
     return world_info
 
 

@@ -1,7 +1,9 @@
 """Master-port checks on this machine: pick a free port, refuse one that is taken.
 
 The CLI calls these before planning or executing; `plan()` itself never touches the network. Binding
-happens on all interfaces, as rank 0's TCPStore will (DeepSpeed issues #191, #1479, #3878).
+happens on all interfaces, as rank 0's TCPStore will (DeepSpeed issues #191, #1479, #3878). A check here
+is a snapshot: a port found free may be taken before rank 0 binds it, and two jobs started together
+both pass. What keeps such jobs apart is the job-id check at rendezvous (runtime/dist.py).
 """
 from __future__ import annotations
 

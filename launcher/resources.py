@@ -13,12 +13,17 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from dsrun.errors import FilterError
 
-__all__ = ["check_filter_flags", "parse_filter", "parse_resource_filter", "parse_inclusion_exclusion", "select_resources",
-           "local_pool", "local_gpus", "parse_visible_devices", "LOCAL_HOST"]
+__all__ = ["MAX_SLOTS_PER_HOST", "MAX_WORLD_SIZE", "check_filter_flags", "parse_filter", "parse_resource_filter",
+           "parse_inclusion_exclusion", "select_resources", "local_pool", "local_gpus", "parse_visible_devices",
+           "LOCAL_HOST"]
 
 log = logging.getLogger("dsrun.launcher")
 
 LOCAL_HOST = "localhost"
+# Sanity limits ([Note: hostfile limits] in hostfile.py): ranks per host (hostfile slots, --num_gpus) and
+# ranks in one job. Far above any real machine or job, far below what would stall planning.
+MAX_SLOTS_PER_HOST = 65536
+MAX_WORLD_SIZE = 1 << 20
 _FILTER_HINT = "the syntax is HOST[:SLOT[,SLOT...]][@HOST[:SLOT...]...], e.g. worker-0:0,1@worker-1"
 
 
@@ -63,19 +68,27 @@ def parse_resource_filter(host_info: Dict[str, List[int]], include: str = "", ex
     specs = parse_filter(text, flag)
     for host, slots in specs.items():
         if host not in host_info:
-            known = ", ".join(host_info) or "(none)"
+            known = _short(list(host_info)) if host_info else "(none)"
             raise FilterError(f"host {host!r} is not in the hostfile", where=flag, hint=f"known hosts: {known}")
+        known_slots = set(host_info[host])
         for slot in slots:
-            if slot not in host_info[host]:
+            if slot not in known_slots:
                 raise FilterError(f"no slot {slot} on host {host!r}", where=flag,
-                                  hint=f"{host!r} has slots {host_info[host]}")
+                                  hint=f"{host!r} has slots {_short(host_info[host])}")
     if include:
         chosen = {host: (slots if slots else list(host_info[host])) for host, slots in specs.items()}
     else:
         chosen = {host: list(slots) for host, slots in host_info.items()}
         for host, slots in specs.items():
-            chosen[host] = [s for s in chosen[host] if s not in slots] if slots else []
+            drop = set(slots)
+            chosen[host] = [s for s in chosen[host] if s not in drop] if slots else []
     return {host: chosen[host] for host in host_info if chosen.get(host)}
+
+
+def _short(items: List, limit: int = 10) -> str:
+    """`a, b, c` for a hint, cut after `limit` items (a 3000-host hostfile makes no useful hint)."""
+    text = ", ".join(str(item) for item in items[:limit])
+    return text + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
 
 def parse_inclusion_exclusion(pool: Dict[str, int], include: str = "", exclude: str = "") -> Dict[str, List[int]]:
@@ -95,18 +108,27 @@ def select_resources(pool: Dict[str, int], *, include: str = "", exclude: str = 
                      num_gpus: int = -1) -> Dict[str, List[int]]:
     """The runner's resource steps in DeepSpeed's order: mutual exclusion, filters, node trim, GPU override.
 
+    Hosts without slots (`slots=0`) run no ranks and are left out before `--num_nodes` counts hosts,
+    unlike DeepSpeed, which kept them as nodes that start nothing (and could make one the master).
     `num_nodes > 0` keeps the first N hosts; `num_gpus > 0` replaces every host's slots with range(N)
-    (DeepSpeed; a warning is logged when N exceeds the hostfile's slots).
+    (DeepSpeed; a warning is logged when N exceeds the hostfile's slots). The result may be empty:
+    the caller reports that with its own context.
     """
     check_filter_flags(include=include, exclude=exclude, num_nodes=num_nodes, num_gpus=num_gpus)
-    active = parse_inclusion_exclusion(pool, include, exclude)
+    if num_gpus > MAX_SLOTS_PER_HOST:
+        raise FilterError(f"--num_gpus {num_gpus} is above the limit of {MAX_SLOTS_PER_HOST} ranks per node",
+                          where="--num_gpus", hint="--num_gpus counts ranks (processes) per node")
+    active = {host: slots for host, slots in parse_inclusion_exclusion(pool, include, exclude).items() if slots}
     if num_nodes > 0:
         active = dict(list(active.items())[:num_nodes])
     if num_gpus > 0:
         short = [host for host in active if pool.get(host, 0) < num_gpus]
         if short:
             log.warning("--num_gpus %d exceeds the hostfile's slots on %s; starting %d ranks per node anyway",
-                        num_gpus, ", ".join(short), num_gpus)
+                        num_gpus, _short(short), num_gpus)
+        if num_gpus * len(active) > MAX_WORLD_SIZE:
+            raise FilterError(f"--num_gpus {num_gpus} on {len(active)} nodes makes {num_gpus * len(active)} ranks; "
+                              f"the limit is {MAX_WORLD_SIZE}", where="--num_gpus", hint="use fewer nodes or ranks")
         active = {host: list(range(num_gpus)) for host in active}
     return active
 

@@ -34,8 +34,7 @@ def read_source(source: Any) -> Tuple[Dict[str, Any], str]:
         if not os.path.isfile(path):
             raise ConfigError("config file not found", where=path,
                               hint="pass an existing JSON/YAML file, a dict, or a base64-encoded JSON string")
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
+        text = _read_text(path)
         if path.endswith((".yaml", ".yml")):
             return _check_top(_load_yaml(text, path), path), path
         if path.endswith(".hjson"):
@@ -45,6 +44,24 @@ def read_source(source: Any) -> Tuple[Dict[str, Any], str]:
         return _check_top(_load_base64(source), "<base64>"), "<base64>"
     raise ConfigError(f"expected a config dict, a path to a JSON/YAML file or a base64 JSON string; got "
                       f"{type(source).__name__}", where="config")
+
+
+def _read_text(path: str) -> str:
+    """The file's text as UTF-8; a ConfigError naming line, column and byte offset if it is not."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file: {exc.strerror or exc}", where=path) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        head = data[:exc.start]
+        line = head.count(b"\n") + 1
+        column = exc.start - (head.rfind(b"\n") + 1) + 1
+        raise ConfigError(f"not valid UTF-8: byte 0x{data[exc.start]:02x} at byte offset {exc.start} "
+                          f"(line {line}, column {column})", where=f"{path}:{line}:{column}",
+                          hint="save the config as UTF-8 text") from None
 
 
 def _looks_like_path(text: str) -> bool:
@@ -188,7 +205,7 @@ def locate_key(path: str, key_path: str) -> "int | None":
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
     parts = [p for p in key_path.split(".") if p]
     if not parts:

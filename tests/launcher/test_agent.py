@@ -219,7 +219,7 @@ def test_each_rank_log_goes_to_files_only(tmp_path):
     rc, out, err, _ = run_in_process(make_spec(tmp_path, "spam", "3", each_rank_log_dir=str(logs)))
     assert rc == 0 and out == ""
     names = sorted(os.listdir(logs))
-    assert [re.sub(r"^\d{14}_", "", n) for n in names] == ["rank0.log", "rank1.log"]
+    assert [re.sub(r"^\d{14}_", "", n) for n in names] == ["rank0.test-job.log", "rank1.test-job.log"]
     text = (logs / names[0]).read_text()
     assert "out 2 " in text and "err 2 " in text and "[rank" not in text
 
@@ -235,9 +235,9 @@ def test_failure_tail_comes_from_the_rank_log_file(tmp_path):
     spec = make_spec(tmp_path, "exit", "1", "3", each_rank_log_dir=str(tmp_path / "ranks"), log_dir=None)
     rc, out, err, _ = run_in_process(spec)
     assert rc == 3
-    record = read_json(tmp_path / "ranks" / "failure.json")
+    record = read_json(tmp_path / "ranks" / "test-job" / "failure.json")  # job-scoped: the folder may be shared
     assert record["root_cause"]["tail"] == ["rank 1 failing now"]
-    assert record["root_cause"]["log_file"].endswith("_rank1.log")
+    assert record["root_cause"]["log_file"].endswith("_rank1.test-job.log")
 
 
 # ------------------------------------------------------------------ restarts
