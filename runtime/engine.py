@@ -81,9 +81,6 @@ class Engine:
 
     @staticmethod
     def _check_supported(config) -> None:
-        if config.sharding.parameters:
-            raise ConfigError("parameter sharding (ZeRO stage 3) is not implemented yet",
-                              where="zero_optimization.stage", hint="use stage 0, 1 or 2")
         if config.offload.optimizer.value != "none" or config.offload.params.value != "none":
             raise ConfigError("offloading is not implemented yet", where="zero_optimization.offload_optimizer",
                               hint="remove offload_optimizer/offload_param")
@@ -336,6 +333,47 @@ class Engine:
         self._settle()
         self.wait_params()
         return engine_io.load(self, load_dir, tag=tag, **kwargs)
+
+    # -- whole weights (ZeRO-3 gathers them; runtime/zero/strategy.py full_state_dict) -------------
+
+    def consolidated_16bit_state_dict(self) -> dict:
+        """The module's state dict with every parameter whole, in its working dtype. Collective."""
+        if self.zero is None:
+            return self.module.state_dict()
+        self._settle()
+        return self.zero.full_state_dict(to_cpu=True)
+
+    def module_state_dict(self, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        """DeepSpeed's `engine.module_state_dict()`: full weights at every stage (collective when parameters
+        are sharded)."""
+        state = self.consolidated_16bit_state_dict() if self.config.sharding.parameters else \
+            self.module.state_dict(prefix=prefix, keep_vars=keep_vars)
+        if exclude_frozen_parameters:
+            frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        if destination is not None:
+            destination.update(state)
+            return destination
+        return state
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters=False):
+        """DeepSpeed's name: the whole 16-bit state dict on rank 0, None on other ranks. Collective."""
+        state = self.module_state_dict(exclude_frozen_parameters=exclude_frozen_parameters)
+        return state if self.global_rank == 0 else None
+
+    def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False) -> bool:
+        """Rank 0 writes the whole model in its working dtype to `save_dir/save_filename`. With sharded
+        parameters this needs `zero_optimization.stage3_gather_16bit_weights_on_model_save` (as DeepSpeed:
+        otherwise it logs a warning, writes nothing and returns False). Collective."""
+        if self.config.sharding.parameters and not self.config.zero.gather_16bit_weights_on_model_save:
+            if self.global_rank == 0:
+                log.warning("[dsrun] save_16bit_model: nothing saved, because parameters are sharded and "
+                            "zero_optimization.stage3_gather_16bit_weights_on_model_save is false; set it to true, "
+                            "or save a checkpoint and convert it with dsrun-to-fp32")
+            return False
+        from .checkpoint import engine_io
+        return engine_io.save_16bit_model(self, save_dir, save_filename=save_filename,
+                                          exclude_frozen_parameters=exclude_frozen_parameters)
 
     # -- teardown ----------------------------------------------------------------------------------
 

@@ -120,6 +120,9 @@ class GradReducer:
         self._free: List[torch.Tensor] = []
         self._num_staging = 0
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._make_hook(s)) for s in layout.slots]
+        # called with a bucket's index once every gradient of the bucket arrived in this backward (ZeRO-3
+        # releases gathered weights then: unit_weights.py)
+        self.on_bucket_ready: Optional[Callable[[int], None]] = None
 
     # -- micro-step lifecycle ------------------------------------------------------------------------
 
@@ -212,6 +215,8 @@ class GradReducer:
         if not self._seen[slot.index]:
             self._seen[slot.index] = True
             self._arrived[b] += 1
+            if self.on_bucket_ready is not None and self._arrived[b] == len(self.layout.buckets[b].slots):
+                self.on_bucket_ready(b)
         if self._communicate and self._arrived[b] == len(self.layout.buckets[b].slots):
             self._ready[b] = True
             self._launch_ready()

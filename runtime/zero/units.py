@@ -1,0 +1,176 @@
+"""ZeRO-3 units: which parameters are gathered together, and their flat layout.
+
+[Note: ZeRO-3 units] A unit is a module whose parameters are all-gathered as one piece before its
+forward and released after it (unit_weights.py). Units never nest, except that the root module is a unit
+for whatever no other unit holds. They are chosen once, at engine construction:
+
+1. named by the user: `zero_optimization.leaf_module` (DeepSpeed's key) with `classes` (class names),
+   `names` (module paths) and `name_suffixes`; each matching module, outermost first, is a unit;
+2. otherwise the repeated blocks: the children of the outermost `nn.ModuleList`/`nn.Sequential`/
+   `nn.ModuleDict` containers (a transformer's layer list; for a plain `nn.Sequential` model, its layers),
+   or the root's children when the model has no container;
+3. a candidate holding fewer than `stage3_module_granularity_threshold` shardable elements is left to
+   the unit above it (fewer, larger gathers).
+
+Parameters with fewer than `stage3_param_persistence_threshold` elements (smallest first, at most
+`stage3_model_persistence_threshold` elements in all) are *persistent*: one extra unit that stays
+gathered. A parameter reachable from two units (tied embeddings), registered with
+`register_external_parameter`, or outside every unit belongs to the root unit, which is gathered for the
+whole forward and backward. Frozen parameters stay whole on every rank (not in any unit).
+
+Layout: one bucket per (unit, optimizer group), split further at `min(sub_group_size,
+reduce_bucket_size)` elements; each bucket padded to a multiple of `world_size * ALIGN`, and rank r owns
+the r-th equal chunk (layout.py's [Note: bucket-major ownership]). Buckets are numbered in expected
+backward order (blocks from last to first, then the root, then the persistent unit), because gradient
+reductions launch in bucket order (reducer.py's [Note: bucket launch order]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .layout import ALIGN, Bucket, FlatLayout, Slot
+
+__all__ = ["Unit", "build_unit_layout", "choose_unit_modules"]
+
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
+
+
+@dataclass
+class Unit:
+    """A group of parameters gathered and released together."""
+
+    index: int
+    name: str  # module path ("" for the root); "<persistent>" for the persistent unit
+    module: Optional[torch.nn.Module]
+    buckets: List[int] = field(default_factory=list)
+    numel: int = 0  # padded elements when gathered
+    persistent: bool = False
+
+
+def _leaf_spec(zero_config) -> Tuple[set, set, tuple]:
+    spec = dict(getattr(zero_config, "leaf_module", None) or {})
+    return set(spec.get("classes", ())), set(spec.get("names", ())), tuple(spec.get("name_suffixes", ()))
+
+
+def choose_unit_modules(root: torch.nn.Module, *, zero_config=None, numel_of=None) -> List[Tuple[str, torch.nn.Module]]:
+    """The (path, module) of every non-root unit, in registration order ([Note: ZeRO-3 units]).
+    `numel_of(module)` counts a module's shardable elements (default: all its parameters)."""
+    numel_of = numel_of or (lambda m: sum(p.numel() for p in m.parameters()))
+    threshold = int(getattr(zero_config, "module_granularity_threshold", 0) or 0)
+    classes, names, suffixes = _leaf_spec(zero_config)
+    if classes or names or suffixes:
+        picked, taken = [], []
+        for path, m in root.named_modules():
+            if m is root or any(path.startswith(t + ".") for t in taken):
+                continue
+            if type(m).__name__ in classes or path in names or (suffixes and path.endswith(suffixes)):
+                picked.append((path, m))
+                taken.append(path)
+        return picked
+
+    def walk(prefix: str, m: torch.nn.Module, out: list) -> bool:
+        """Adds units under `m`; True when a container was found."""
+        if isinstance(m, _CONTAINERS):
+            for name, child in m.named_children():
+                if numel_of(child) >= max(threshold, 1):
+                    out.append((prefix + name, child))
+            return True
+        found = False
+        for name, child in m.named_children():
+            found = walk(prefix + name + ".", child, out) or found
+        return found
+
+    out: List[Tuple[str, torch.nn.Module]] = []
+    if not walk("", root, out):
+        out = [(name, child) for name, child in root.named_children() if numel_of(child) >= max(threshold, 1)]
+    return out
+
+
+def _persistent(groups, zero_config) -> set:
+    threshold = int(getattr(zero_config, "param_persistence_threshold", 100_000))
+    budget = int(getattr(zero_config, "model_persistence_threshold", 1 << 62))
+    small = sorted((p.numel(), i, p) for i, (_, p) in enumerate(x for g in groups for x in g) if p.numel() < threshold)
+    keep, total = set(), 0
+    for n, _, p in small:
+        if total + n > budget:
+            break
+        keep.add(p)
+        total += n
+    return keep
+
+
+def build_unit_layout(module: torch.nn.Module, groups: Sequence[Sequence[Tuple[str, torch.nn.Parameter]]], *,
+                      zero_config, world_size: int, rank: int) -> Tuple[FlatLayout, List[Unit]]:
+    """Units over the trainable parameters in `groups` (per optimizer group, (name, param)) and the flat
+    layout of their buckets ([Note: ZeRO-3 units])."""
+    persistent = _persistent(groups, zero_config)
+    trainable = {p for g in groups for _, p in g}
+
+    def shardable(m):
+        return sum(p.numel() for p in m.parameters() if p in trainable and p not in persistent)
+
+    chosen = choose_unit_modules(module, zero_config=zero_config, numel_of=shardable)
+    home: Dict[torch.nn.Parameter, int] = {}  # param -> index into chosen, or -1 (root)
+    for i, (_, m) in enumerate(chosen):
+        for p in m.parameters():
+            if p in trainable and p not in persistent:
+                home[p] = -1 if p in home and home[p] != i else i
+    for sub in module.modules():  # used by a module outside its unit (register_external_parameter): shared
+        for p in getattr(sub, "_dsrun_external_params", ()):
+            if home.get(p, -1) >= 0 and not _contains(chosen[home[p]][1], sub):
+                home[p] = -1
+    units = [Unit(i, path, m) for i, (path, m) in enumerate(chosen)]
+    units.append(Unit(len(units), "", module))
+    units.append(Unit(len(units), "<persistent>", None, persistent=True))
+    members: Dict[int, List[List[Tuple[str, torch.nn.Parameter]]]] = {u.index: [[] for _ in groups] for u in units}
+    for g, named in enumerate(groups):
+        for name, p in named:
+            u = len(units) - 1 if p in persistent else (home.get(p, -1) if home.get(p, -1) >= 0 else len(units) - 2)
+            members[u][g].append((name, p))
+    cap = max(1, min(int(getattr(zero_config, "sub_group_size", 1 << 62)),
+                     int(getattr(zero_config, "reduce_bucket_size", 1 << 62))))
+    order = list(reversed(units[:-2])) + units[-2:]  # expected backward order
+    slots: List[Slot] = []
+    buckets: List[Bucket] = []
+    offset = 0
+    pad_to = world_size * ALIGN
+    for unit in order:
+        for g in range(len(groups)):
+            current = None
+            for name, p in members[unit.index][g]:
+                n = p.numel()
+                if current is not None and offset + n - current.start > cap:
+                    offset = _close(current, offset, pad_to, world_size, rank)
+                    current = None
+                if current is None:
+                    current = Bucket(len(buckets), g, offset, offset, 0, 0)
+                    buckets.append(current)
+                    unit.buckets.append(current.index)
+                slot = Slot(len(slots), name, p, tuple(p.shape), offset, n, g, current.index)
+                current.slots.append(slot)
+                slots.append(slot)
+                offset += n
+            if current is not None:
+                offset = _close(current, offset, pad_to, world_size, rank)
+        unit.numel = sum(buckets[b].numel for b in unit.buckets)
+    kept = [u for u in units if u.buckets]
+    for i, u in enumerate(kept):
+        u.index = i
+    return FlatLayout(slots, buckets, offset, len(groups), sharded=True), kept
+
+
+def _contains(outer: torch.nn.Module, inner: torch.nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
+
+
+def _close(bucket: Bucket, offset: int, pad_to: int, world_size: int, rank: int) -> int:
+    used = offset - bucket.start
+    padded = max(-(-used // pad_to) * pad_to, pad_to)
+    bucket.end = bucket.start + padded
+    chunk = padded // world_size
+    bucket.own_start = bucket.start + rank * chunk
+    bucket.own_end = bucket.own_start + chunk
+    return bucket.end
