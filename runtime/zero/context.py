@@ -100,13 +100,14 @@ class _InitShards:
 
     @torch.no_grad()
     def release(self, params: List[torch.nn.Parameter], fresh: List[torch.nn.Parameter], modifier_rank) -> None:
+        fresh_ids = {id(q) for q in fresh}
         for p in params:
             if modifier_rank is not None and self.world > 1:
                 src = dist.get_global_rank(self.group, modifier_rank) if self.group else modifier_rank
                 data = p.data.contiguous()
                 dist.broadcast(data, src=src, group=self.group)
                 p.data = data
-            if p.ds_persist or p not in fresh:
+            if p.ds_persist or id(p) not in fresh_ids:
                 continue
             chunk = p.ds_tensor.numel()
             flat = p.data.reshape(-1)

@@ -33,7 +33,7 @@ import torch
 
 from .layout import ALIGN, Bucket, FlatLayout, Slot
 
-__all__ = ["Unit", "build_unit_layout", "choose_unit_modules"]
+__all__ = ["Unit", "build_unit_layout", "choose_unit_modules", "numel_of_param", "shape_of_param"]
 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict)
 
@@ -50,6 +50,15 @@ class Unit:
     persistent: bool = False
 
 
+def numel_of_param(p: torch.nn.Parameter) -> int:
+    """Elements of `p`, also while it is a released ZeRO-3 parameter (context.py's `ds_numel`)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def shape_of_param(p: torch.nn.Parameter) -> Tuple[int, ...]:
+    return tuple(getattr(p, "ds_shape", None) or p.shape)
+
+
 def _leaf_spec(zero_config) -> Tuple[set, set, tuple]:
     spec = dict(getattr(zero_config, "leaf_module", None) or {})
     return set(spec.get("classes", ())), set(spec.get("names", ())), tuple(spec.get("name_suffixes", ()))
@@ -58,7 +67,7 @@ def _leaf_spec(zero_config) -> Tuple[set, set, tuple]:
 def choose_unit_modules(root: torch.nn.Module, *, zero_config=None, numel_of=None) -> List[Tuple[str, torch.nn.Module]]:
     """The (path, module) of every non-root unit, in registration order ([Note: ZeRO-3 units]).
     `numel_of(module)` counts a module's shardable elements (default: all its parameters)."""
-    numel_of = numel_of or (lambda m: sum(p.numel() for p in m.parameters()))
+    numel_of = numel_of or (lambda m: sum(numel_of_param(p) for p in m.parameters()))
     threshold = int(getattr(zero_config, "module_granularity_threshold", 0) or 0)
     classes, names, suffixes = _leaf_spec(zero_config)
     if classes or names or suffixes:
@@ -92,7 +101,8 @@ def choose_unit_modules(root: torch.nn.Module, *, zero_config=None, numel_of=Non
 def _persistent(groups, zero_config) -> set:
     threshold = int(getattr(zero_config, "param_persistence_threshold", 100_000))
     budget = int(getattr(zero_config, "model_persistence_threshold", 1 << 62))
-    small = sorted((p.numel(), i, p) for i, (_, p) in enumerate(x for g in groups for x in g) if p.numel() < threshold)
+    small = sorted((numel_of_param(p), i, p) for i, (_, p) in enumerate(x for g in groups for x in g)
+                   if numel_of_param(p) < threshold)
     keep, total = set(), 0
     for n, _, p in small:
         if total + n > budget:
@@ -110,7 +120,7 @@ def build_unit_layout(module: torch.nn.Module, groups: Sequence[Sequence[Tuple[s
     trainable = {p for g in groups for _, p in g}
 
     def shardable(m):
-        return sum(p.numel() for p in m.parameters() if p in trainable and p not in persistent)
+        return sum(numel_of_param(p) for p in m.parameters() if p in trainable and p not in persistent)
 
     chosen = choose_unit_modules(module, zero_config=zero_config, numel_of=shardable)
     home: Dict[torch.nn.Parameter, int] = {}  # param -> index into chosen, or -1 (root)
@@ -141,7 +151,7 @@ def build_unit_layout(module: torch.nn.Module, groups: Sequence[Sequence[Tuple[s
         for g in range(len(groups)):
             current = None
             for name, p in members[unit.index][g]:
-                n = p.numel()
+                n = numel_of_param(p)
                 if current is not None and offset + n - current.start > cap:
                     offset = _close(current, offset, pad_to, world_size, rank)
                     current = None
@@ -149,7 +159,7 @@ def build_unit_layout(module: torch.nn.Module, groups: Sequence[Sequence[Tuple[s
                     current = Bucket(len(buckets), g, offset, offset, 0, 0)
                     buckets.append(current)
                     unit.buckets.append(current.index)
-                slot = Slot(len(slots), name, p, tuple(p.shape), offset, n, g, current.index)
+                slot = Slot(len(slots), name, p, shape_of_param(p), offset, n, g, current.index)
                 current.slots.append(slot)
                 slots.append(slot)
                 offset += n
