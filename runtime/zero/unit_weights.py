@@ -243,6 +243,7 @@ class UnitWeights:
             hooks.__exit__(None, None, None)
         if not torch.is_grad_enabled() and not _in_backward():
             self.release_all()  # nothing will run backward through this forward
+            self._order = []
 
     def _unit_pre(self, u: int):
         def hook(module, args):

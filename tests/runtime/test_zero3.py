@@ -198,6 +198,63 @@ def gpt2_reference(world):
     return losses, model.state_dict()
 
 
+# -- a model that changes its module order, reuses a block and has a frozen weight ---------------------
+
+class Shuffled(torch.nn.Module):
+    """Blocks run in the order given each step, the first of them twice; a frozen weight before the head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+        self.frozen = torch.nn.Linear(8, 8)
+        self.frozen.weight.requires_grad_(False)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x, order):
+        for i in order:
+            x = torch.tanh(self.blocks[i](x))
+        x = self.blocks[order[0]](x)
+        return self.head(self.frozen(x))
+
+
+ORDERS = ([0, 1, 2], [2, 0, 1], [1, 2, 0], [0, 2, 1])
+
+
+def shuffled_job(rank, world):
+    import torch.distributed as dist
+    model = Shuffled()
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = dsrun.initialize(model=model, model_parameters=params, config=z3_config("fp32", 1, world))
+    units = sorted(u.name for u in engine.zero.weights.units)
+    losses = []
+    for (x, y), order in zip(eq.make_data(world, 1), ORDERS):
+        rows = slice(rank * eq.MICRO, (rank + 1) * eq.MICRO)
+        loss = torch.nn.functional.mse_loss(engine(x[rows], order), y[rows])
+        engine.backward(loss)
+        engine.step()
+        t = loss.detach().clone()
+        dist.all_reduce(t)
+        losses.append(t.item() / world)
+    weights = {k: v.clone() for k, v in engine.module_state_dict().items()}
+    engine.destroy()
+    return units, losses, weights
+
+
+def shuffled_reference(world):
+    model = Shuffled()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=eq.LR, weight_decay=0.01)
+    losses = []
+    for (x, y), order in zip(eq.make_data(world, 1), ORDERS):
+        loss = torch.nn.functional.mse_loss(model(x, order), y)
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), eq.CLIP)
+        opt.step()
+    return losses, model.state_dict()
+
+
 # -- the jobs ------------------------------------------------------------------------------------------
 
 CELLS = {2: (("fp32", 1), ("fp32", 2), ("bf16", 2)), 3: (("fp32", 2),)}
@@ -211,6 +268,7 @@ def job(rank, world, ckpt_dir, out_dir):
         engine.destroy()
     out["init"] = init_and_gather(rank, world)
     if world == 2:
+        out["shuffled"] = shuffled_job(rank, world)
         out["saved"] = save_then_continue(rank, world, 3, os.path.join(ckpt_dir, "z3"))
         out["saved-z2"] = save_then_continue(rank, world, 2, os.path.join(ckpt_dir, "z2"))
         out["at-z2"] = load_and_continue(rank, world, 2, os.path.join(ckpt_dir, "z3"))
@@ -249,6 +307,15 @@ def test_init_shards_at_construction_and_gathered_edits_reach_every_rank(results
         assert gathered_shape == shapes[0]
         assert torch.equal(seen, torch.full(shapes[0], 0.25))  # rank 0's edit, on every rank
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(init_reference(world)), rtol=1e-5, atol=1e-7)
+
+
+def test_changing_order_reused_block_and_frozen_weight(results):
+    ref_losses, ref_state = shuffled_reference(2)
+    for units, losses, weights in (r["shuffled"] for r in results[2]):
+        assert units == ["", "blocks.0", "blocks.1", "blocks.2"]  # the head's parameters in the root unit
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7)
+        for k, v in ref_state.items():
+            torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-5)
 
 
 def test_checkpoint_continues_across_stages_and_world_sizes(results):
