@@ -113,6 +113,8 @@ class GradReducer:
         self._next = 0
         self._communicate = False
         self._fresh = True  # the partition holds nothing since the last zero(): overwrite, do not add
+        self._reduced = False  # `accum` holds sums over ranks already ([Note: several backwards per step])
+        self._carried: Optional[torch.Tensor] = None
         self.norm_parts: Optional[List[torch.Tensor]] = None  # [Note: norms during backward]
         self._overwrite = False
         self._pending: Deque[tuple] = deque()  # (work, finalize callable or None), oldest first
@@ -127,8 +129,18 @@ class GradReducer:
     # -- micro-step lifecycle ------------------------------------------------------------------------
 
     def begin_micro_step(self, boundary: bool) -> None:
-        """Called before each backward: whether gradients get communicated at its end."""
+        """Called before each backward: whether gradients get communicated at its end.
+
+        [Note: several backwards per step] A script may call `engine.backward()` more than once before one
+        `step()` (a GAN's two losses), each at the boundary. The replicated buffer is all-reduced in place,
+        so reducing it again would count the earlier gradients world-size times over: its reduced contents
+        are set aside for this backward, which reduces only its own gradients, and added back after."""
         self._communicate = boundary or self.mode == SHARD_EVERY_STEP
+        if self._communicate and self.mode == REPLICATED:
+            if self._reduced:
+                self._carried = self.accum.clone()
+                self.accum.zero_()
+            self._reduced = True
         # [Note: norms during backward]
         self.norm_parts = [] if boundary and self.sum_locally else None
         self._overwrite, self._fresh = self._fresh, False
@@ -145,6 +157,9 @@ class GradReducer:
             self._launch_ready()
         self.wait_all()
         self._communicate = False
+        if self._carried is not None:  # [Note: several backwards per step]
+            self.accum.add_(self._carried)
+            self._carried = None
 
     def wait_all(self) -> None:
         while self._pending:
@@ -161,6 +176,7 @@ class GradReducer:
         `shard_every_step` is overwritten by the next micro-step instead of being cleared here."""
         if self.accum is not None:
             self.accum.zero_()
+        self._reduced = False
         if self.mode == SHARD_EVERY_STEP:
             self._fresh = True
         self.norm_parts = None
