@@ -98,7 +98,10 @@ def _shared_aliases(module) -> dict:
     """State-dict names that are the same tensor as an earlier name (tied weights): alias -> canonical."""
     seen, aliases = {}, {}
     for name, tensor in module.state_dict(keep_vars=True).items():
-        key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else None
+        if isinstance(tensor, torch.nn.Parameter):  # by identity: a released ZeRO-3 parameter has no storage
+            key = ("param", id(tensor))
+        else:
+            key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
         elif key is not None:

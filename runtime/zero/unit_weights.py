@@ -93,7 +93,7 @@ class UnitWeights:
         self._publishes: List = []
         self._order: List[int] = []  # units in this step's forward order
         self._prev_order: List[int] = []
-        self._bwd_pos = 0
+        self._bwd_pos = None
         self._tail: deque = deque()  # units finished in forward and kept for backward, oldest first
         self._ready = [0] * len(units)
         self._saved_hooks = None
@@ -299,8 +299,8 @@ class UnitWeights:
     def _pre_backward(self, u: int) -> None:
         self.ensure(u)
         order = self._order
-        pos = min(self._bwd_pos, len(order)) if self._bwd_pos else len(order)
-        for i in range(pos - 1, -1, -1):
+        pos = len(order) if self._bwd_pos is None else self._bwd_pos + 1  # a unit may run twice in a row
+        for i in range(min(pos, len(order)) - 1, -1, -1):
             if order[i] == u:
                 self._bwd_pos = i
                 self._prefetch(order, i - 1, -1)
@@ -359,13 +359,13 @@ class UnitWeights:
 
     def before_backward(self) -> None:
         self._ready = [0] * len(self.units)
-        self._bwd_pos = 0
+        self._bwd_pos = None
 
     def after_backward(self) -> None:
         """End of a backward: release every gathered unit; this forward's order predicts the next one's."""
         self.release_all()
         self._ready = [0] * len(self.units)
-        self._bwd_pos = 0
+        self._bwd_pos = None
         if self._order:
             self._prev_order, self._order = self._order, []
 

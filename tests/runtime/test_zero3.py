@@ -180,6 +180,7 @@ def gpt2_job(rank, world, out_dir):
         losses.append(t.item() / world)
     tied = engine.module.lm_head.weight is engine.module.transformer.wte.weight
     engine.save_16bit_model(out_dir)
+    engine.save_checkpoint(os.path.join(out_dir, "ckpt"))
     engine.destroy()
     return units, losses, tied
 
@@ -342,9 +343,12 @@ def test_hugging_face_gpt2_matches_pytorch(results):
         assert units == [("transformer.h.0", False), ("transformer.h.1", False), ("", False), ("<persistent>", True)]
         assert tied
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-6)
-    assert set(saved) == set(ref_state)
+    from dsrun.runtime.checkpoint.to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    fp32 = get_fp32_state_dict_from_zero_checkpoint(os.path.join(results["out"], "ckpt"))
+    assert set(saved) == set(ref_state) == set(fp32)
     for k, v in ref_state.items():
         torch.testing.assert_close(saved[k].float(), v, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fp32[k], v, rtol=1e-4, atol=1e-4)  # the tied head too
 
 
 TRAIN_SCRIPT = textwrap.dedent("""
