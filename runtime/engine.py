@@ -379,7 +379,8 @@ class Engine:
 
     def destroy(self) -> None:
         """Remove every hook and free gradient buffers, masters and optimizer state. The module keeps
-        its (working) weights; the engine cannot train afterwards."""
+        its (working) weights, except sharded parameters (ZeRO-3), which stay released: take
+        `module_state_dict()` first. The engine cannot train afterwards."""
         self._settle()
         if self.zero is not None:
             self.zero.destroy()

@@ -81,6 +81,7 @@ class UnitWeights:
         self.unit_of_bucket = {b: u.index for u in units for b in u.buckets}
         self.slots_of_unit = {u.index: [s for b in u.buckets for s in layout.buckets[b].slots] for u in units}
         self.unit_of_param = {s.param: self.unit_of_bucket[s.bucket] for s in layout.slots}
+        self._root_unit = next((u.index for u in units if u.module is module), None)
         self._placeholder = torch.empty(0, dtype=param_dtype, device=device)
         self.shards: List[torch.Tensor] = []
         self._init_masters: List[torch.Tensor] = []
@@ -224,12 +225,8 @@ class UnitWeights:
         self._depth += 1
         if self._depth > 1:
             return
-        root = self.units[-1] if not self.units[-1].persistent else None
-        for u in self.units:
-            if u.module is self.module:
-                root = u
-        if root is not None:
-            self.ensure(root.index)
+        if self._root_unit is not None:
+            self.ensure(self._root_unit)
         if torch.is_grad_enabled() and not _in_backward():
             self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
             self._saved_hooks.__enter__()

@@ -256,6 +256,32 @@ def shuffled_reference(world):
     return losses, model.state_dict()
 
 
+# -- the stage3_* keys: what stays gathered ------------------------------------------------------------
+
+def live_after_forward(rank, world):
+    """Units gathered after one forward (with grad) and after backward, under each knob."""
+    out = {}
+    for name, zero in (("default", {}), ("reuse0", {"stage3_max_reuse_distance": 0}),
+                       ("live", {"stage3_max_live_parameters": 300}), ("noprefetch", {"stage3_prefetch_bucket_size": 0}),
+                       ("pieces", {"sub_group_size": 64, "reduce_bucket_size": 10 ** 6})):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(*(torch.nn.Linear(10, 10) for _ in range(4)))
+        engine, *_ = dsrun.initialize(model=model, config=z3_config("fp32", 1, world, **zero))
+        weights = engine.zero.weights
+        engine.backward(engine(torch.randn(2, 10)).sum())  # records the order (prefetch needs one step)
+        engine.step()
+        seen = []  # live units as each layer's forward starts (after dsrun's own pre-hook)
+        for layer in model:
+            layer.register_forward_pre_hook(lambda m, args: seen.append(len(weights._live)))
+        loss = engine(torch.randn(2, 10)).sum()
+        live = sorted(weights.units[u].name for u in weights._live)
+        engine.backward(loss)
+        engine.step()
+        out[name] = (live, seen, weights.live_numel, [len(u.buckets) for u in weights.units])
+        engine.destroy()
+    return out
+
+
 # -- the jobs ------------------------------------------------------------------------------------------
 
 CELLS = {2: (("fp32", 1), ("fp32", 2), ("bf16", 2)), 3: (("fp32", 2),)}
@@ -270,6 +296,7 @@ def job(rank, world, ckpt_dir, out_dir):
     out["init"] = init_and_gather(rank, world)
     if world == 2:
         out["shuffled"] = shuffled_job(rank, world)
+        out["knobs"] = live_after_forward(rank, world)
         out["saved"] = save_then_continue(rank, world, 3, os.path.join(ckpt_dir, "z3"))
         out["saved-z2"] = save_then_continue(rank, world, 2, os.path.join(ckpt_dir, "z2"))
         out["at-z2"] = load_and_continue(rank, world, 2, os.path.join(ckpt_dir, "z3"))
@@ -317,6 +344,22 @@ def test_changing_order_reused_block_and_frozen_weight(results):
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7)
         for k, v in ref_state.items():
             torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-5)
+
+
+def test_stage3_keys_decide_what_stays_gathered(results):
+    knobs = results[2][0]["knobs"]
+    # 4 units of 110 elements (128 padded): by default every finished unit stays for backward (1e9 reuse)
+    assert knobs["default"][0] == ["0", "1", "2", "3"]
+    assert knobs["reuse0"][0] == ["3"]  # only the unit that finished last
+    # the previous step's order prefetches what follows (all of it within 5e7 elements); with prefetching
+    # off a unit is gathered where it is used; stage3_max_live_parameters bounds both
+    assert knobs["reuse0"][1] == [4, 4, 3, 2]  # all gathered at the start; each released once the next finished
+    assert knobs["noprefetch"][1] == [1, 2, 3, 4]  # gathered one by one (kept for reuse: the default 1e9)
+    live, seen, _, _ = knobs["live"]
+    assert max(seen) * 128 <= 300 and len(live) * 128 <= 300
+    assert knobs["default"][2] == 0  # everything released after backward
+    # reduce_bucket_size (60 in these configs) and sub_group_size cut each unit's 110 elements into pieces
+    assert knobs["default"][3] == [2, 2, 2, 2] and knobs["pieces"][3] == [2, 2, 2, 2]
 
 
 def test_checkpoint_continues_across_stages_and_world_sizes(results):
