@@ -40,7 +40,7 @@ def train_cell(engine, rank, world, gas):
     """eq's training loop; returns (losses, whole weights, skipped, steps) as eq.check_cell reads them."""
     import torch.distributed as dist
     losses = []
-    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
     for x, y in eq.make_data(world, gas):
         total = 0.0
         for k in range(gas):
