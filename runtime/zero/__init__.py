@@ -39,10 +39,10 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
     if sharding.parameters:
         from .unit_weights import UnitWeights
         from .units import build_unit_layout
-        layout, units = build_unit_layout(module, groups, zero_config=zero_config, world_size=comm.world_size,
-                                          rank=comm.rank)
+        layout, frozen_layout, units = build_unit_layout(module, groups, frozen=frozen, zero_config=zero_config,
+                                                         world_size=comm.world_size, rank=comm.rank)
         weights = UnitWeights(module, layout, units, param_dtype=param_dtype, comm=comm, device=device,
-                              frozen=frozen, zero_config=zero_config)
+                              frozen=frozen, zero_config=zero_config, frozen_layout=frozen_layout)
         copy_engines = False
     else:
         from .flat_weights import FlatWeights

@@ -114,6 +114,14 @@ class FlatWeights:
     def after_backward(self) -> None:
         pass
 
+    def frozen_shard(self, name: str, p):
+        """Frozen parameters are whole here: the optimizer's default checkpoint view applies."""
+        return None
+
+    @torch.no_grad()
+    def load_frozen(self, p, shard) -> None:
+        p.copy_(shard.master.view(p.shape))
+
     def full_state_dict(self, module: torch.nn.Module) -> dict:
         self.wait()
         return module.state_dict()

@@ -233,7 +233,7 @@ class ZeroOptimizer:
             by_param[slot.param] = ParamShard(slot.name, slot.shape, self.param_dtype, lo, hi, master, optim)
         shards = []
         for name, p in self.module.named_parameters():
-            shard = by_param.get(p)
+            shard = by_param.get(p) or self.weights.frozen_shard(name, p)
             if shard is None:
                 shard = ParamShard(name, tuple(p.shape), p.dtype, 0, p.numel(), p.detach().float().reshape(-1),
                                    {}, frozen=True)
@@ -251,8 +251,7 @@ class ZeroOptimizer:
                 if shard.end > shard.start:
                     shard.master.copy_(read(shard.name, MASTER_KEY, shard.start, shard.end).reshape(-1))
                 if shard.frozen:
-                    p = params[shard.name]
-                    p.copy_(shard.master.view(p.shape))
+                    self.weights.load_frozen(params[shard.name], shard)
                     continue
                 if load_optimizer_states and shard.end > shard.start:
                     for key, view in shard.optim.items():

@@ -70,17 +70,22 @@ def _tensors(obj) -> Iterable[torch.Tensor]:
 
 class UnitWeights:
     def __init__(self, module: torch.nn.Module, layout: FlatLayout, units: List[Unit], *, param_dtype: torch.dtype,
-                 comm: Comm, device: torch.device, frozen, zero_config):
+                 comm: Comm, device: torch.device, frozen, zero_config, frozen_layout: Optional[FlatLayout] = None):
         self.module, self.layout, self.units, self.comm, self.device = module, layout, units, comm, device
+        # bucket indices: the trainable layout's, then the frozen layout's shifted by `num_trainable`
+        self.num_trainable = len(layout.buckets)
+        self.buckets = list(layout.buckets) + list(frozen_layout.buckets if frozen_layout else [])
+        self.gathered = {u.index: u.buckets + [self.num_trainable + b for b in u.frozen_buckets] for u in units}
         self.param_dtype = param_dtype
         self.sharded = True
         self.overlaps_forward = False
         self.prefetch_numel = int(getattr(zero_config, "prefetch_bucket_size", 50_000_000))
         self.max_live = int(getattr(zero_config, "max_live_parameters", 1_000_000_000))
         self.max_reuse = int(getattr(zero_config, "max_reuse_distance", 1_000_000_000))
-        self.unit_of_bucket = {b: u.index for u in units for b in u.buckets}
-        self.slots_of_unit = {u.index: [s for b in u.buckets for s in layout.buckets[b].slots] for u in units}
-        self.unit_of_param = {s.param: self.unit_of_bucket[s.bucket] for s in layout.slots}
+        self.unit_of_bucket = {b: u for u, bs in self.gathered.items() for b in bs}
+        self.slots_of_unit = {u: [s for b in bs for s in self.buckets[b].slots] for u, bs in self.gathered.items()}
+        self.unit_of_param = {s.param: u for u, slots in self.slots_of_unit.items() for s in slots}
+        self._frozen_slot = {s.param: s for b in self.buckets[self.num_trainable:] for s in b.slots}
         self._root_unit = next((u.index for u in units if u.module is module), None)
         self._placeholder = torch.empty(0, dtype=param_dtype, device=device)
         self.shards: List[torch.Tensor] = []
@@ -100,6 +105,7 @@ class UnitWeights:
         self._saved_hooks = None
         self._depth = 0
         self._handles: List = []
+        self._ids: List = []  # ds_id -> parameter
         self._build(frozen)
         self._install_hooks()
 
@@ -108,27 +114,38 @@ class UnitWeights:
     def _build(self, frozen) -> None:
         from .context import full_value, mark_zero3
         with torch.no_grad():
-            for bucket in self.layout.buckets:
+            for b, bucket in enumerate(self.buckets):
                 full = torch.zeros(bucket.numel, dtype=torch.float32, device=self.device)
                 for s in bucket.slots:
                     full[s.offset - bucket.start:s.offset - bucket.start + s.numel].copy_(full_value(s.param).reshape(-1))
                 broadcast_from_first(full, self.comm)
                 own = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start].clone()
-                self._init_masters.append(own)
+                if b < self.num_trainable:
+                    self._init_masters.append(own)
                 self.shards.append(own if self.param_dtype == torch.float32 else own.to(self.param_dtype))
                 del full
-            for s in self.layout.slots:
+            for s in self.slots_of_all():
                 s.param.data = self._placeholder
             for _, p in frozen:
+                if p in self._frozen_slot:
+                    continue
                 data = full_value(p).to(self.device, self.param_dtype if p.is_floating_point() else p.dtype)
                 broadcast_from_first(data, self.comm)
                 p.data = data
-        for i, s in enumerate(self.layout.slots):
-            unit = self.units[self.unit_of_param[s.param]]
-            mark_zero3(s.param, shape=s.shape, ds_id=i, owner=self, persist=unit.persistent)
+        for b, bucket in enumerate(self.buckets):
+            for s in bucket.slots:
+                lo, hi = bucket.owned_range(s)
+                a = s.offset + lo - bucket.own_start if hi > lo else 0
+                unit = self.units[self.unit_of_param[s.param]]
+                mark_zero3(s.param, shape=s.shape, ds_id=len(self._ids), owner=self, persist=unit.persistent,
+                           shard=self.shards[b][a:a + hi - lo])
+                self._ids.append(s.param)
         for u in self.units:
             if u.persistent:
                 self.ensure(u.index)
+
+    def slots_of_all(self):
+        return [s for bucket in self.buckets for s in bucket.slots]
 
     def _install_hooks(self) -> None:
         root = self.module
@@ -152,8 +169,8 @@ class UnitWeights:
         if u in self._live:
             return
         works = []
-        for b in self.units[u].buckets:
-            full = torch.empty(self.layout.buckets[b].numel, dtype=self.param_dtype, device=self.device)
+        for b in self.gathered[u]:
+            full = torch.empty(self.buckets[b].numel, dtype=self.param_dtype, device=self.device)
             works.append(self.comm.all_gather(full, self.shards[b], async_op=True))
             self._full[b] = full
         self._pending[u] = works
@@ -172,8 +189,8 @@ class UnitWeights:
             return
         for w in works:
             w.wait()
-        for b in self.units[u].buckets:
-            bucket, full = self.layout.buckets[b], self._full[b]
+        for b in self.gathered[u]:
+            bucket, full = self.buckets[b], self._full[b]
             self._storage[full.untyped_storage().data_ptr()] = b
             for s in bucket.slots:
                 s.param.data = full[s.offset - bucket.start:s.offset - bucket.start + s.numel].view(s.shape)
@@ -185,7 +202,7 @@ class UnitWeights:
             return
         for w in self._pending.pop(u, ()):
             w.wait()
-        for b in unit.buckets:
+        for b in self.gathered[u]:
             full = self._full.pop(b)
             self._storage.pop(full.untyped_storage().data_ptr(), None)
         for s in self.slots_of_unit[u]:
@@ -331,7 +348,7 @@ class UnitWeights:
 
     def make_masters(self, master_dtype: torch.dtype, aliased: bool) -> List[torch.Tensor]:
         init, self._init_masters = self._init_masters, []
-        self.masters = self.shards if aliased else [m.to(master_dtype) for m in init]
+        self.masters = self.shards[:self.num_trainable] if aliased else [m.to(master_dtype) for m in init]
         return self.masters
 
     def owned(self, b: int) -> torch.Tensor:
@@ -383,13 +400,13 @@ class UnitWeights:
         """Every rank takes rank `src_rank`'s (group rank) gathered values of `units`: masters and shards too."""
         import torch.distributed as dist
         for u in sorted(set(units)):
-            for b in self.units[u].buckets:
-                full, bucket = self._full[b], self.layout.buckets[b]
+            for b in self.gathered[u]:
+                full, bucket = self._full[b], self.buckets[b]
                 if self.comm.world_size > 1:
                     src = dist.get_global_rank(self.comm.group, src_rank) if self.comm.group else src_rank
                     dist.broadcast(full, src=src, group=self.comm.group)
                 own = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start]
-                if self.masters and self.masters[b] is not self.shards[b]:
+                if b < len(self.masters) and self.masters[b] is not self.shards[b]:
                     self.masters[b].copy_(own)
                 self.shards[b].copy_(own)
 
@@ -409,6 +426,30 @@ class UnitWeights:
             for v in fresh:
                 self.release(v)
         return state
+
+    def _frozen_view(self, p):
+        slot = self._frozen_slot[p]
+        b = self.num_trainable + slot.bucket
+        bucket = self.buckets[b]
+        lo, hi = bucket.owned_range(slot)
+        a = slot.offset + lo - bucket.own_start if hi > lo else 0
+        return slot, lo, hi, self.shards[b][a:a + hi - lo]
+
+    def frozen_shard(self, name: str, p):
+        """The checkpoint view (`ParamShard`) of a sharded frozen parameter, or None for a whole one."""
+        if p not in self._frozen_slot:
+            return None
+        from ..shard_state import ParamShard
+        slot, lo, hi, view = self._frozen_view(p)
+        return ParamShard(name, slot.shape, self.param_dtype, lo, hi, view.float(), {}, frozen=True)
+
+    @torch.no_grad()
+    def load_frozen(self, p, shard) -> None:
+        """Take a frozen parameter's loaded `shard.master` (this rank's range of it)."""
+        if p in self._frozen_slot:
+            self._frozen_view(p)[3].copy_(shard.master)
+        else:
+            p.copy_(shard.master.view(p.shape))
 
     def destroy(self) -> None:
         """Remove hooks and free the shards; parameters keep placeholders (the engine cannot train afterwards)."""

@@ -16,7 +16,8 @@ Parameters with fewer than `stage3_param_persistence_threshold` elements (smalle
 `stage3_model_persistence_threshold` elements in all) are *persistent*: one extra unit that stays
 gathered. A parameter reachable from two units (tied embeddings), registered with
 `register_external_parameter`, or outside every unit belongs to the root unit, which is gathered for the
-whole forward and backward. Frozen parameters stay whole on every rank (not in any unit).
+whole forward and backward. Frozen floating parameters are sharded in their unit too (in a layout of
+their own, without masters or gradients); small frozen ones stay whole.
 
 Layout: one bucket per (unit, optimizer group), split further at `min(sub_group_size,
 reduce_bucket_size)` elements; each bucket padded to a multiple of `world_size * ALIGN`, and rank r owns
@@ -45,7 +46,8 @@ class Unit:
     index: int
     name: str  # module path ("" for the root); "<persistent>" for the persistent unit
     module: Optional[torch.nn.Module]
-    buckets: List[int] = field(default_factory=list)
+    buckets: List[int] = field(default_factory=list)  # in the trainable layout
+    frozen_buckets: List[int] = field(default_factory=list)  # in the frozen layout
     numel: int = 0  # padded elements when gathered
     persistent: bool = False
 
@@ -113,20 +115,25 @@ def _persistent(groups, zero_config) -> set:
 
 
 def build_unit_layout(module: torch.nn.Module, groups: Sequence[Sequence[Tuple[str, torch.nn.Parameter]]], *,
-                      zero_config, world_size: int, rank: int) -> Tuple[FlatLayout, List[Unit]]:
-    """Units over the trainable parameters in `groups` (per optimizer group, (name, param)) and the flat
-    layout of their buckets ([Note: ZeRO-3 units])."""
-    persistent = _persistent(groups, zero_config)
+                      frozen: Sequence[Tuple[str, torch.nn.Parameter]] = (), zero_config, world_size: int,
+                      rank: int) -> Tuple[FlatLayout, FlatLayout, List[Unit]]:
+    """Units over the trainable parameters in `groups` (per optimizer group, (name, param)) and the frozen
+    floating parameters in `frozen`; the flat layout of the trainable buckets (what the reducer and the
+    optimizer see) and of the frozen ones ([Note: ZeRO-3 units])."""
+    persistent = _persistent([list(x for g in groups for x in g) + [x for x in frozen if x[1].is_floating_point()]],
+                             zero_config)
     trainable = {p for g in groups for _, p in g}
+    sharded_frozen = [(n, p) for n, p in frozen if p.is_floating_point() and p not in persistent]
+    shardable = (trainable - persistent) | {p for _, p in sharded_frozen}
 
-    def shardable(m):
-        return sum(numel_of_param(p) for p in m.parameters() if p in trainable and p not in persistent)
+    def shardable_numel(m):
+        return sum(numel_of_param(p) for p in m.parameters() if p in shardable)
 
-    chosen = choose_unit_modules(module, zero_config=zero_config, numel_of=shardable)
+    chosen = choose_unit_modules(module, zero_config=zero_config, numel_of=shardable_numel)
     home: Dict[torch.nn.Parameter, int] = {}  # param -> index into chosen, or -1 (root)
     for i, (_, m) in enumerate(chosen):
         for p in m.parameters():
-            if p in trainable and p not in persistent:
+            if p in shardable:
                 home[p] = -1 if p in home and home[p] != i else i
     for sub in module.modules():  # used by a module outside its unit (register_external_parameter): shared
         for p in getattr(sub, "_dsrun_external_params", ()):
@@ -135,20 +142,45 @@ def build_unit_layout(module: torch.nn.Module, groups: Sequence[Sequence[Tuple[s
     units = [Unit(i, path, m) for i, (path, m) in enumerate(chosen)]
     units.append(Unit(len(units), "", module))
     units.append(Unit(len(units), "<persistent>", None, persistent=True))
-    members: Dict[int, List[List[Tuple[str, torch.nn.Parameter]]]] = {u.index: [[] for _ in groups] for u in units}
-    for g, named in enumerate(groups):
-        for name, p in named:
-            u = len(units) - 1 if p in persistent else (home.get(p, -1) if home.get(p, -1) >= 0 else len(units) - 2)
-            members[u][g].append((name, p))
+
+    def members(named_groups, skip_persistent):
+        out = {u.index: [[] for _ in named_groups] for u in units}
+        for g, named in enumerate(named_groups):
+            for name, p in named:
+                if p in persistent:
+                    if skip_persistent:
+                        continue
+                    u = len(units) - 1
+                else:
+                    u = home.get(p, -1) if home.get(p, -1) >= 0 else len(units) - 2
+                out[u][g].append((name, p))
+        return out
+
     cap = max(1, min(int(getattr(zero_config, "sub_group_size", 1 << 62)),
                      int(getattr(zero_config, "reduce_bucket_size", 1 << 62))))
     order = list(reversed(units[:-2])) + units[-2:]  # expected backward order
+    layout = _lay_out(order, members(groups, False), len(groups), cap, world_size, rank, "buckets")
+    # frozen persistent parameters stay whole, outside any layout (their values never change)
+    frozen_layout = _lay_out(order, members([sharded_frozen], True), 1, cap, world_size, rank, "frozen_buckets")
+    for unit in units:
+        unit.numel = (sum(layout.buckets[b].numel for b in unit.buckets)
+                      + sum(frozen_layout.buckets[b].numel for b in unit.frozen_buckets))
+    kept = [u for u in units if u.buckets or u.frozen_buckets]
+    for i, u in enumerate(kept):
+        u.index = i
+    return layout, frozen_layout, kept
+
+
+def _lay_out(order: List[Unit], members, num_groups: int, cap: int, world_size: int, rank: int,
+             attr: str) -> FlatLayout:
+    """One flat layout: per unit (in `order`) and group, buckets of at most `cap` elements (a larger
+    parameter gets its own); the bucket indices are appended to `unit.<attr>`."""
     slots: List[Slot] = []
     buckets: List[Bucket] = []
     offset = 0
     pad_to = world_size * ALIGN
     for unit in order:
-        for g in range(len(groups)):
+        for g in range(num_groups):
             current = None
             for name, p in members[unit.index][g]:
                 n = numel_of_param(p)
@@ -158,18 +190,14 @@ def build_unit_layout(module: torch.nn.Module, groups: Sequence[Sequence[Tuple[s
                 if current is None:
                     current = Bucket(len(buckets), g, offset, offset, 0, 0)
                     buckets.append(current)
-                    unit.buckets.append(current.index)
+                    getattr(unit, attr).append(current.index)
                 slot = Slot(len(slots), name, p, shape_of_param(p), offset, n, g, current.index)
                 current.slots.append(slot)
                 slots.append(slot)
                 offset += n
             if current is not None:
                 offset = _close(current, offset, pad_to, world_size, rank)
-        unit.numel = sum(buckets[b].numel for b in unit.buckets)
-    kept = [u for u in units if u.buckets]
-    for i, u in enumerate(kept):
-        u.index = i
-    return FlatLayout(slots, buckets, offset, len(groups), sharded=True), kept
+    return FlatLayout(slots, buckets, offset, num_groups, sharded=True)
 
 
 def _contains(outer: torch.nn.Module, inner: torch.nn.Module) -> bool:

@@ -222,11 +222,17 @@ class Shuffled(torch.nn.Module):
 ORDERS = ([0, 1, 2], [2, 0, 1], [1, 2, 0], [0, 2, 1])
 
 
-def shuffled_job(rank, world):
-    import torch.distributed as dist
+def shuffled_engine(world):
     model = Shuffled()
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = dsrun.initialize(model=model, model_parameters=params, config=z3_config("fp32", 1, world))
+    return dsrun.initialize(model=model, model_parameters=params, config=z3_config("fp32", 1, world))[0]
+
+
+def shuffled_job(rank, world, path):
+    import torch.distributed as dist
+    engine = shuffled_engine(world)
+    frozen = engine.module.frozen.weight
+    sharded = (frozen.data.numel(), frozen.ds_tensor.numel(), frozen.ds_numel)
     units = sorted(u.name for u in engine.zero.weights.units)
     losses = []
     for (x, y), order in zip(eq.make_data(world, 1), ORDERS):
@@ -238,8 +244,13 @@ def shuffled_job(rank, world):
         dist.all_reduce(t)
         losses.append(t.item() / world)
     weights = {k: v.clone() for k, v in engine.module_state_dict().items()}
+    engine.save_checkpoint(path, tag="t")
     engine.destroy()
-    return units, losses, weights
+    fresh = shuffled_engine(world)
+    fresh.load_checkpoint(path, tag="t")
+    reloaded = {k: v.clone() for k, v in fresh.module_state_dict().items()}
+    fresh.destroy()
+    return units, losses, weights, sharded, reloaded
 
 
 def shuffled_reference(world):
@@ -295,7 +306,7 @@ def job(rank, world, ckpt_dir, out_dir):
         engine.destroy()
     out["init"] = init_and_gather(rank, world)
     if world == 2:
-        out["shuffled"] = shuffled_job(rank, world)
+        out["shuffled"] = shuffled_job(rank, world, os.path.join(ckpt_dir, "shuffled"))
         out["knobs"] = live_after_forward(rank, world)
         out["saved"] = save_then_continue(rank, world, 3, os.path.join(ckpt_dir, "z3"))
         out["saved-z2"] = save_then_continue(rank, world, 2, os.path.join(ckpt_dir, "z2"))
@@ -339,8 +350,10 @@ def test_init_shards_at_construction_and_gathered_edits_reach_every_rank(results
 
 def test_changing_order_reused_block_and_frozen_weight(results):
     ref_losses, ref_state = shuffled_reference(2)
-    for units, losses, weights in (r["shuffled"] for r in results[2]):
+    for units, losses, weights, sharded, reloaded in (r["shuffled"] for r in results[2]):
         assert units == ["", "blocks.0", "blocks.1", "blocks.2"]  # the head's parameters in the root unit
+        assert sharded == (0, 32, 64)  # the frozen weight is sharded too (half of its 64 elements each)
+        assert all(torch.equal(reloaded[k], v) for k, v in weights.items())  # checkpoint round trip
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-7)
         for k, v in ref_state.items():
             torch.testing.assert_close(weights[k], v, rtol=0, atol=1e-5)
