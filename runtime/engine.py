@@ -239,6 +239,11 @@ class Engine:
     def zero_optimization_stage(self) -> int:
         return self.config.zero.stage
 
+    @property
+    def sharding_policy(self):
+        """What is sharded across the data-parallel group (`ShardingPolicy`; checkpoints record it)."""
+        return self.config.sharding
+
     def gradient_clipping(self) -> float:
         return self.config.gradient_clipping
 
