@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
