@@ -69,7 +69,7 @@ class UnitSchedule:
 
     def gather(self, u: int) -> None:
         """`store.ensure(u)`, first releasing units kept for reuse if `max_live_parameters` needs room."""
-        if u not in self.store._live:
+        if not self.store.is_live(u):
             self._make_room(self.units[u].numel)
         self.store.ensure(u)
 
@@ -98,7 +98,7 @@ class UnitSchedule:
         while 0 <= i < len(order) and budget < self.prefetch_numel:
             v = order[i]
             i += step
-            if v in self.store._live:
+            if self.store.is_live(v):
                 continue
             if self.store.live_numel + self.units[v].numel > self.max_live:
                 break
@@ -174,7 +174,7 @@ class UnitSchedule:
 
     def _param_grad_hook(self, u: int):
         def hook(grad):
-            if u not in self.store._live or u in self.store._pending:
+            if not self.store.is_ready(u):
                 self.gather(u)
             return grad
         return hook
@@ -190,9 +190,7 @@ class UnitSchedule:
                 return
 
     def _pack(self, t: torch.Tensor):
-        if t.device != self.device or not self.store._storage:
-            return t
-        b = self.store._storage.get(t.untyped_storage().data_ptr())
+        b = self.store.bucket_of(t) if t.device == self.device else None
         if b is None:
             return t
         return (b, t.storage_offset(), tuple(t.shape), t.stride())
@@ -202,7 +200,7 @@ class UnitSchedule:
             return packed
         b, offset, shape, stride = packed
         self.gather(self.store.unit_of_bucket[b])
-        return self.store._full[b].as_strided(shape, stride, offset)
+        return self.store.gathered_buffer(b).as_strided(shape, stride, offset)
 
     def bucket_ready(self, b: int) -> None:
         """The reducer has taken every gradient of bucket b: release its unit once all its buckets are done."""

@@ -135,6 +135,21 @@ class UnitWeights:
                 s.param.data = full[s.offset - bucket.start:s.offset - bucket.start + s.numel].view(s.shape)
                 s.param.ds_status = ZeroParamStatus.AVAILABLE
 
+    def is_live(self, u: int) -> bool:
+        """Gathered, or being gathered."""
+        return u in self._live
+
+    def is_ready(self, u: int) -> bool:
+        """Gathered, and its parameters view the gathered buffers."""
+        return u in self._live and u not in self._pending
+
+    def bucket_of(self, t: torch.Tensor) -> Optional[int]:
+        """The bucket whose gathered buffer `t` views, or None."""
+        return self._storage.get(t.untyped_storage().data_ptr()) if self._storage else None
+
+    def gathered_buffer(self, b: int) -> torch.Tensor:
+        return self._full[b]
+
     def release(self, u: int) -> None:
         unit = self.units[u]
         if unit.persistent or u not in self._live:
