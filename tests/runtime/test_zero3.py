@@ -245,12 +245,14 @@ def shuffled_job(rank, world, path):
         losses.append(t.item() / world)
     weights = {k: v.clone() for k, v in engine.module_state_dict().items()}
     engine.save_checkpoint(path, tag="t")
+    # without stage3_gather_16bit_weights_on_model_save nothing is written (DeepSpeed's behaviour)
+    no_16bit = (engine.save_16bit_model(path + "-16bit"), os.path.exists(path + "-16bit"))
     engine.destroy()
     fresh = shuffled_engine(world)
     fresh.load_checkpoint(path, tag="t")
     reloaded = {k: v.clone() for k, v in fresh.module_state_dict().items()}
     fresh.destroy()
-    return units, losses, weights, sharded, reloaded
+    return units, losses, weights, sharded, reloaded, no_16bit
 
 
 def shuffled_reference(world):
@@ -350,7 +352,8 @@ def test_init_shards_at_construction_and_gathered_edits_reach_every_rank(results
 
 def test_changing_order_reused_block_and_frozen_weight(results):
     ref_losses, ref_state = shuffled_reference(2)
-    for units, losses, weights, sharded, reloaded in (r["shuffled"] for r in results[2]):
+    for units, losses, weights, sharded, reloaded, no_16bit in (r["shuffled"] for r in results[2]):
+        assert no_16bit == (False, False)
         assert units == ["", "blocks.0", "blocks.1", "blocks.2"]  # the head's parameters in the root unit
         assert sharded == (0, 32, 64)  # the frozen weight is sharded too (half of its 64 elements each)
         assert all(torch.equal(reloaded[k], v) for k, v in weights.items())  # checkpoint round trip
