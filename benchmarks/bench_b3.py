@@ -4,10 +4,14 @@ Driver (default): for each GPU count and contender, starts one job with the dsru
 the JSON line each job prints, prints a table and appends it to benchmarks/RESULTS.md.
 
     python benchmarks/bench_b3.py --gpus 2,4 --modes dsrun-z1,dsrun-z2,fsdp2-noreshard,ds-z1,ds-z2
+    python benchmarks/bench_b3.py --gpus 2 --modes dsrun-z3,fsdp2,ds-z3,dsrun-z2,fsdp2-noreshard   # ZeRO-3
 
 CPU variant (gloo, 2 ranks): `--cpu --gpus 2 --shape 512,8,8,1376,8000,256,4`.
 Worker: `--worker --mode M` (started by the driver). Contenders:
   dsrun-z1 / dsrun-z2   dsrun.initialize, bf16, fp32 master, AdamW, ZeRO stage 1 / 2 (DeepSpeed's config)
+  dsrun-z3 / ds-z3      ZeRO-3, the model built under `zero.Init` (each rank holds 1/world of it), one unit
+                        per block, small params persistent, `stage3_max_reuse_distance: 0` (only the block
+                        that finished forward last stays gathered into backward, like FSDP2's reshard)
   dsrun-z1-pg / -z2-pg  the same plus `zero_optimization.overlap_param_gather` (dsrun option: the post-step
                         all-gather runs under the next forward)
   dsrun-...-nccl        the same with `zero_optimization.copy_engine_comm: false` (all-gathers and gradient
@@ -50,7 +54,8 @@ def ds_config(stage, micro_batch, world, torch_adam):
         "steps_per_print": 10,
         "bf16": {"enabled": True},
         "optimizer": {"type": "AdamW", "params": opt},
-        "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True},
+        "zero_optimization": {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                              **({"stage3_max_reuse_distance": 0} if stage == 3 else {})},
     }
 
 
@@ -67,11 +72,7 @@ def worker(args):
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     torch.manual_seed(0)
     mode = args.mode
-    with torch.device("meta" if mode.startswith("fsdp") else device):
-        model = LlamaLM(shape)
-    num_params = sum(p.numel() for p in model.parameters())
     world = int(os.environ.get("WORLD_SIZE", 1))
-
     if mode.startswith("dsrun") or mode.startswith("ds-"):
         if mode.startswith("dsrun"):
             import dsrun as engine_lib
@@ -88,6 +89,12 @@ def worker(args):
             cfg["hang_watchdog"] = {"enabled": False}
         if not cuda:
             cfg.pop("bf16")
+        with engine_lib.zero.Init(config_dict_or_path=cfg, enabled=stage == 3), torch.device(device):
+            model = LlamaLM(shape)
+        if stage == 3:  # LlamaLM's own init ran on partitioned parameters: run it again on whole ones
+            with engine_lib.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+                model.init_weights()
+        num_params = sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())
         engine, _, _, _ = engine_lib.initialize(model=model.to(device), model_parameters=model.parameters(), config=cfg)
 
         def train_step(tokens, targets, phase=None):
@@ -97,49 +104,53 @@ def worker(args):
             phase and phase("bwd")
             engine.step()
             return loss
-    elif mode == "compute":
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-        net = model.to(device, torch.bfloat16 if cuda else torch.float32)
-
-        def train_step(tokens, targets, phase=None):
-            loss = net(tokens, targets)
-            phase and phase("fwd")
-            loss.backward()
-            phase and phase("bwd")
-            for p in net.parameters():
-                p.grad = None
-            return loss
     else:
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-        if mode.startswith("fsdp2"):
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
-            kw = {"reshard_after_forward": mode == "fsdp2"}
-            if mp:
-                kw["mp_policy"] = mp
-            for block in model.layers:
-                fully_shard(block, **kw)
-            fully_shard(model, **kw)
-            model.to_empty(device=device)
-            torch.manual_seed(0)
-            model.init_weights()
-            net = model
-        else:  # ddp
-            net = torch.nn.parallel.DistributedDataParallel(model.to(device), bucket_cap_mb=100)
-        opt = torch.optim.AdamW(net.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        with torch.device("meta" if mode.startswith("fsdp") else device):
+            model = LlamaLM(shape)
+        num_params = sum(p.numel() for p in model.parameters())
+        if mode == "compute":
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+            net = model.to(device, torch.bfloat16 if cuda else torch.float32)
 
-        def train_step(tokens, targets, phase=None):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and mode == "ddp"):
+            def train_step(tokens, targets, phase=None):
                 loss = net(tokens, targets)
-            phase and phase("fwd")
-            loss.backward()
-            phase and phase("bwd")
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
+                phase and phase("fwd")
+                loss.backward()
+                phase and phase("bwd")
+                for p in net.parameters():
+                    p.grad = None
+                return loss
+        else:
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+            if mode.startswith("fsdp2"):
+                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+                mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
+                kw = {"reshard_after_forward": mode == "fsdp2"}
+                if mp:
+                    kw["mp_policy"] = mp
+                for block in model.layers:
+                    fully_shard(block, **kw)
+                fully_shard(model, **kw)
+                model.to_empty(device=device)
+                torch.manual_seed(0)
+                model.init_weights()
+                net = model
+            else:  # ddp
+                net = torch.nn.parallel.DistributedDataParallel(model.to(device), bucket_cap_mb=100)
+            opt = torch.optim.AdamW(net.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+
+            def train_step(tokens, targets, phase=None):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and mode == "ddp"):
+                    loss = net(tokens, targets)
+                phase and phase("fwd")
+                loss.backward()
+                phase and phase("bwd")
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss
 
     rank = dist.get_rank()
 

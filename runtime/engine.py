@@ -1,20 +1,14 @@
 """Engine: the object `dsrun.initialize` returns; a thin composition of runtime pieces.
 
-[Note: composition order] `Engine.__init__` composes, in this order and nowhere else:
-1. placement: the module moves to this rank's device;
-2. optimizer: the client's (instance or callable(params)) or `build_optimizer(config.optimizer)`;
-3. sharding + precision: `apply_sharding` flattens trainable parameters into working weights of
-   `precision.param_dtype`, keeps fp32 masters for the owned chunks and installs gradient hooks
-   (runtime/zero/); the loss scaler comes from `precision.loss_scale`;
-4. scheduler: the client's (instance or callable(optimizer)) or `build_scheduler(config.scheduler)`;
-5. data: a DistributedSampler loader when `training_data` is given;
-6. monitoring: `apply_monitoring` (runtime/monitor/), called at backward, at each optimizer step's end
-   and in `destroy()`.
-Offload, pipeline and activation checkpointing hook in here when they land.
+The engine holds its parts through small protocols: `compose()` (runtime/compose.py, [Note: composition
+order]) builds them, and data parallelism is a `ShardingStrategy` (runtime/zero/strategy.py) that the
+engine calls and never reaches into. After composing, the engine adds monitoring (`apply_monitoring`,
+runtime/monitor/: progress, metrics folder, monitors, hang watchdog), called at backward, at each
+optimizer step's end and in `destroy()`; it needs the engine itself, so it comes last.
 
 Step contract (DeepSpeed's): call `engine(batch)`, `engine.backward(loss)`, `engine.step()` on every
 micro-batch. `backward` scales the loss by loss_scale / GAS; gradients are reduced per the sharding
-policy (runtime/zero/reducer.py). `step` applies the optimizer only at the accumulation boundary;
+policy (runtime/zero/). `step` applies the optimizer only at the accumulation boundary;
 an overflow (non-finite global norm under fp16, or bf16 with `check_grad_overflow`) skips the update
 and the scheduler, counts a skipped step and logs an event, while `global_steps` still increments.
 Inputs are never cast, except floating inputs under `fp16.auto_cast`.
@@ -36,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -45,7 +39,6 @@ from dsrun.errors import ConfigError
 
 from .config.policies import torch_dtype
 from .engine_compat import EngineCompat, compat_getattr, optimizer_view
-from .precision import build_loss_scaler, cast_buffers, checks_overflow
 from .shard_state import MASTER_KEY, ParamShard, ReadFn
 
 __all__ = ["Engine", "DeepSpeedEngine"]
@@ -77,40 +70,21 @@ class Engine(EngineCompat, torch.nn.Module):
         self._check_supported(config)
         from .teardown import track_engine
         track_engine(self)  # destroyed at exit before the process groups ([Note: teardown at exit])
-
-        # 1. placement
-        model.to(self.device)
-        cast_buffers(model, config.precision)
-        # 2. optimizer
-        self.optimizer = self._make_optimizer(optimizer, model_parameters)
-        self.basic_optimizer = self.optimizer
-        # 3. sharding + precision
+        from .compose import compose
+        parts = compose(model, config=config, device=self.device, group=dp_group, optimizer=optimizer,
+                        model_parameters=model_parameters, lr_scheduler=lr_scheduler, training_data=training_data,
+                        collate_fn=collate_fn)
+        self.optimizer = self.basic_optimizer = parts.optimizer
         self.precision = config.precision
-        self.loss_scaler = build_loss_scaler(self.precision)
-        self._check_overflow = checks_overflow(self.precision, bf16_check=config.bf16.check_grad_overflow)
-        self.zero = None
-        if self.optimizer is not None:
-            from .zero import apply_sharding
-            self.zero = apply_sharding(model, optimizer=self.optimizer, sharding=config.sharding,
-                                       precision=self.precision, comm_policy=config.comm, group=dp_group,
-                                       device=self.device, dtype_of=torch_dtype,
-                                       accumulation_steps=config.gradient_accumulation_steps)
-        else:
-            self._cast_params(model)
-        # 4. scheduler
-        self.lr_scheduler = self._make_scheduler(lr_scheduler)
+        self.loss_scaler, self._check_overflow = parts.loss_scaler, parts.check_overflow
+        self.zero = parts.sharding  # the ShardingStrategy (runtime/zero/strategy.py), None without an optimizer
+        self.lr_scheduler = parts.lr_scheduler
+        self.training_dataloader = parts.training_dataloader
         self._skip_on_device = (self._check_overflow and not self.loss_scaler.dynamic and self.zero is not None
                                 and self.zero.skips_on_device)
         if self.basic_optimizer is not None:  # DeepSpeed's wrapper attributes (loss_scaler, overflow, ...)
             self.optimizer = optimizer_view(self.basic_optimizer, self)
-        # 5. data
-        self.training_dataloader = None
-        if training_data is not None:
-            from .dataloader import build_dataloader
-            self.training_dataloader = build_dataloader(
-                training_data, micro_batch_size=config.train_micro_batch_size_per_gpu,
-                rank=dist.get_rank(dp_group), world_size=self.dp_world_size, collate_fn=collate_fn)
-        # 6. monitoring: progress, metrics folder, monitors, hang watchdog (runtime/monitor/)
+        # after compose(): progress, metrics folder, monitors, hang watchdog (runtime/monitor/)
         from .monitor import apply_monitoring
         self.monitor = apply_monitoring(engine=self, config=config)
 
@@ -118,43 +92,9 @@ class Engine(EngineCompat, torch.nn.Module):
 
     @staticmethod
     def _check_supported(config) -> None:
-        if config.sharding.parameters:
-            raise ConfigError("parameter sharding (ZeRO stage 3) is not implemented yet",
-                              where="zero_optimization.stage", hint="use stage 0, 1 or 2")
         if config.offload.optimizer.value != "none" or config.offload.params.value != "none":
             raise ConfigError("offloading is not implemented yet", where="zero_optimization.offload_optimizer",
                               hint="remove offload_optimizer/offload_param")
-
-    def _make_optimizer(self, client, model_parameters):
-        params = list(model_parameters) if model_parameters is not None else list(self.module.parameters())
-        if client is not None:
-            if isinstance(client, torch.optim.Optimizer):
-                return client
-            if callable(client):
-                return client(params)
-            raise ConfigError(f"optimizer must be a torch.optim.Optimizer or a callable(params), not "
-                              f"{type(client).__name__}", where="initialize(optimizer=...)")
-        if self.config.optimizer is None:
-            return None
-        from .optim import build_optimizer
-        return build_optimizer(self.config.optimizer, params, offload=self.config.offload, device=self.device)
-
-    def _make_scheduler(self, client):
-        if client is not None:
-            if callable(client) and not hasattr(client, "step"):
-                return client(self.optimizer)
-            return client
-        if self.config.scheduler is None or self.optimizer is None:
-            return None
-        from .lr_schedules import build_scheduler
-        return build_scheduler(self.config.scheduler, self.optimizer)
-
-    def _cast_params(self, model) -> None:
-        dtype = torch_dtype(self.precision.param_dtype)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.is_floating_point():
-                    p.data = p.data.to(dtype)
 
     # -- the training loop -------------------------------------------------------------------------
 
@@ -178,10 +118,9 @@ class Engine(EngineCompat, torch.nn.Module):
             raise ValueError(f"engine.backward expects a scalar loss, got shape {tuple(loss.shape)}")
         gas = self.gradient_accumulation_steps() if scale_wrt_gas else 1
         self.monitor.on_backward(loss)
-        self.zero.wait_params()
-        self.zero.reducer.begin_micro_step(self.is_gradient_accumulation_boundary())
+        self.zero.before_backward(self.is_gradient_accumulation_boundary())
         (loss.float() * (self.loss_scaler.loss_scale / gas)).backward(retain_graph=retain_graph)
-        self.zero.reducer.finish_backward()
+        self.zero.after_backward()
         return loss.detach() / gas
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
@@ -198,7 +137,6 @@ class Engine(EngineCompat, torch.nn.Module):
 
     def _boundary_step(self, lr_kwargs) -> None:
         self._settle()
-        self.zero.reducer.finish_backward()  # no-op after engine.backward; covers a direct loss.backward()
         snapshot = self._snapshot() if self._skip_on_device else None
         result = self.zero.step(loss_scale=self.loss_scaler.loss_scale,
                                 max_norm=float(self.config.gradient_clipping or 0.0),
@@ -212,7 +150,6 @@ class Engine(EngineCompat, torch.nn.Module):
             self._step_applied = True
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step(**(lr_kwargs or {}))
-        self.zero.reducer.zero()
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
         self.monitor.on_step(step=self.global_steps, samples=self.global_samples, grad_norm=result.grad_norm,
@@ -317,6 +254,11 @@ class Engine(EngineCompat, torch.nn.Module):
     def zero_optimization_stage(self) -> int:
         return self.config.zero.stage
 
+    @property
+    def sharding_policy(self):
+        """What is sharded across the data-parallel group (`ShardingPolicy`; checkpoints record it)."""
+        return self.config.sharding
+
     def gradient_clipping(self) -> float:
         return self.config.gradient_clipping
 
@@ -356,38 +298,22 @@ class Engine(EngineCompat, torch.nn.Module):
 
     def checkpoint_shards(self) -> list:
         """One `ParamShard` per `module.named_parameters()` entry (see runtime/shard_state.py)."""
-        by_param = {}
         if self.zero is not None:
-            for slot, lo, hi, master, optim in self.zero.owned_slices():
-                by_param[slot.param] = ParamShard(slot.name, slot.shape, slot.param.dtype, lo, hi, master, optim)
-        shards = []
-        for name, p in self.module.named_parameters():
-            shard = by_param.get(p)
-            if shard is None:
-                shard = ParamShard(name, tuple(p.shape), p.dtype, 0, p.numel(), p.detach().float().reshape(-1),
-                                   {}, frozen=True)
-            shards.append(shard)
-        return shards
+            return self.zero.checkpoint_shards()
+        return [ParamShard(name, tuple(p.shape), p.dtype, 0, p.numel(), p.detach().float().reshape(-1), {},
+                           frozen=True) for name, p in self.module.named_parameters()]
 
     def load_checkpoint_shards(self, read: ReadFn, *, load_optimizer_states: bool = True) -> None:
         """Fill this rank's master (and optimizer) slices from `read(name, key, start, end)`, then
         refresh the working weights on every rank. Collective."""
-        if self.zero is not None and load_optimizer_states:
-            self.zero.ensure_optimizer_state()
+        if self.zero is not None:
+            self.zero.load_checkpoint_shards(read, load_optimizer_states=load_optimizer_states)
+            return
+        params = dict(self.module.named_parameters())
         with torch.no_grad():
             for shard in self.checkpoint_shards():
-                if shard.end > shard.start:
-                    data = read(shard.name, MASTER_KEY, shard.start, shard.end)
-                    shard.master.copy_(data.reshape(-1))
-                if shard.frozen:
-                    p = dict(self.module.named_parameters())[shard.name]
-                    p.copy_(shard.master.view(p.shape))
-                    continue
-                if load_optimizer_states and shard.end > shard.start:
-                    for key, view in shard.optim.items():
-                        view.copy_(read(shard.name, key, shard.start, shard.end).reshape(-1))
-            if self.zero is not None:
-                self.zero.publish()
+                p = params[shard.name]
+                p.copy_(read(shard.name, MASTER_KEY, 0, p.numel()).reshape(p.shape))
 
     def checkpoint_scalar_state(self) -> dict:
         """Everything else a checkpoint needs: optimizer groups and scalar state, loss scaler, counters,
@@ -423,11 +349,53 @@ class Engine(EngineCompat, torch.nn.Module):
         self.wait_params()
         return engine_io.load(self, load_dir, tag=tag, **kwargs)
 
+    # -- whole weights (ZeRO-3 gathers them; runtime/zero/strategy.py full_state_dict) -------------
+
+    def consolidated_16bit_state_dict(self) -> dict:
+        """The module's state dict with every parameter whole, in its working dtype. Collective."""
+        if self.zero is None:
+            return self.module.state_dict()
+        self._settle()
+        return self.zero.full_state_dict(to_cpu=True)
+
+    def module_state_dict(self, destination=None, prefix="", keep_vars=False, exclude_frozen_parameters=False):
+        """DeepSpeed's `engine.module_state_dict()`: full weights at every stage (collective when parameters
+        are sharded)."""
+        state = self.consolidated_16bit_state_dict() if self.config.sharding.parameters else \
+            self.module.state_dict(prefix=prefix, keep_vars=keep_vars)
+        if exclude_frozen_parameters:
+            frozen = {n for n, p in self.module.named_parameters() if not p.requires_grad}
+            state = {k: v for k, v in state.items() if k not in frozen}
+        if destination is not None:
+            destination.update(state)
+            return destination
+        return state
+
+    def _zero3_consolidated_16bit_state_dict(self, exclude_frozen_parameters=False):
+        """DeepSpeed's name: the whole 16-bit state dict on rank 0, None on other ranks. Collective."""
+        state = self.module_state_dict(exclude_frozen_parameters=exclude_frozen_parameters)
+        return state if self.global_rank == 0 else None
+
+    def save_16bit_model(self, save_dir, save_filename="pytorch_model.bin", exclude_frozen_parameters=False) -> bool:
+        """Rank 0 writes the whole model in its working dtype to `save_dir/save_filename`. With sharded
+        parameters this needs `zero_optimization.stage3_gather_16bit_weights_on_model_save` (as DeepSpeed:
+        otherwise it logs a warning, writes nothing and returns False). Collective."""
+        if self.config.sharding.parameters and not self.config.zero.gather_16bit_weights_on_model_save:
+            if self.global_rank == 0:
+                log.warning("[dsrun] save_16bit_model: nothing saved, because parameters are sharded and "
+                            "zero_optimization.stage3_gather_16bit_weights_on_model_save is false; set it to true, "
+                            "or save a checkpoint and convert it with dsrun-to-fp32")
+            return False
+        from .checkpoint import engine_io
+        return engine_io.save_16bit_model(self, save_dir, save_filename=save_filename,
+                                          exclude_frozen_parameters=exclude_frozen_parameters)
+
     # -- teardown ----------------------------------------------------------------------------------
 
     def destroy(self) -> None:
         """Remove every hook and free gradient buffers, masters and optimizer state. The module keeps
-        its (working) weights; the engine cannot train afterwards."""
+        its (working) weights, except sharded parameters (ZeRO-3), which stay released: take
+        `module_state_dict()` first. The engine cannot train afterwards."""
         self._settle()
         self.monitor.close()
         if self.zero is not None:

@@ -67,7 +67,10 @@ def _shared_aliases(module) -> dict:
     """State-dict names that are the same tensor as an earlier name (tied weights): alias -> canonical."""
     seen, aliases = {}, {}
     for name, tensor in module.state_dict(keep_vars=True).items():
-        key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else None
+        if isinstance(tensor, torch.nn.Parameter):  # by identity: a released ZeRO-3 parameter has no storage
+            key = ("param", id(tensor))
+        else:
+            key = (tensor.data_ptr(), tensor.shape, tensor.dtype) if tensor.numel() else None
         if key is not None and key in seen:
             aliases[name] = seen[key]
         elif key is not None:
@@ -302,6 +305,10 @@ def _load_module(engine, states, manifest, strict, custom_load_fn, topo_note):
     if custom_load_fn is not None:
         custom_load_fn(src=module_state, dst=engine.module)
         return
+    # Parameters (tied aliases included) are restored from the shard files by load_checkpoint_shards; a
+    # ZeRO-3 module state holds empty placeholders for them, so only buffers are loaded from it here.
+    params = {k for k, v in engine.module.state_dict(keep_vars=True).items() if isinstance(v, torch.nn.Parameter)}
+    module_state = {k: v for k, v in module_state.items() if k not in params}
     current = engine.module.state_dict()
     wrong = [f"{k}: saved {tuple(v.shape)}, model {tuple(current[k].shape)}" for k, v in module_state.items()
              if k in current and tuple(v.shape) != tuple(current[k].shape)]
@@ -310,7 +317,7 @@ def _load_module(engine, states, manifest, strict, custom_load_fn, topo_note):
                               hint="load into the same model architecture it was saved from")
     result = engine.module.load_state_dict(module_state, strict=False)
     excluded = set(states.get("frozen_param_names", [])) if manifest.get("excluded_frozen_parameters") else set()
-    missing = [k for k in result.missing_keys if k not in excluded]
+    missing = [k for k in result.missing_keys if k not in excluded and k not in params]
     if strict and (missing or result.unexpected_keys):
         raise CheckpointError(f"module state does not match the model: missing {missing[:10]}, unexpected "
                               f"{result.unexpected_keys[:10]}", hint="pass load_module_strict=False to load "

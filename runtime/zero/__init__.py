@@ -1,32 +1,62 @@
-"""ZeRO data parallelism (stages 0-2 now; ZeRO-3 entry points are documented no-ops).
+"""ZeRO data parallelism, stages 0-3, behind one `ShardingStrategy` (strategy.py).
 
-`apply_sharding` is the one entry point the engine uses: given the model, its optimizer and the
-policies, it returns a `ZeroOptimizer` that owns flat buffers, gradient hooks and the step.
+`build_strategy` is the one entry point the engine's composition (runtime/compose.py) uses: given the
+model, its optimizer and the policies, it returns a `ZeroOptimizer` over the weight store the sharding
+policy asks for (flat_weights.py for stages 0-2; unit_weights.py when parameters are sharded).
 """
 from __future__ import annotations
 
 from .comm import Comm
 from .context import GatheredParameters, Init, register_external_parameter
-from .optimizer import StepResult, ZeroOptimizer
+from .optimizer import OVERLAP_BUCKET_NUMEL, StepResult, ZeroOptimizer, optimizer_groups
+from .strategy import ShardingStrategy
 
-__all__ = ["Init", "GatheredParameters", "register_external_parameter", "apply_sharding", "ZeroOptimizer",
-           "StepResult", "Comm"]
+__all__ = ["Init", "GatheredParameters", "register_external_parameter", "build_strategy", "ZeroOptimizer",
+           "ShardingStrategy", "StepResult", "Comm"]
 
 
-def apply_sharding(module, *, optimizer, sharding, precision, comm_policy, group, device, dtype_of,
-                   accumulation_steps: int = 1) -> ZeroOptimizer:
-    """Flatten `module`'s trainable parameters and shard optimizer state/gradients per `sharding`.
+def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group, device, dtype_of,
+                   accumulation_steps: int = 1, zero_config=None) -> ZeroOptimizer:
+    """Lay out `module`'s trainable parameters and shard them per `sharding`.
 
     Args:
-        module: the model, already on `device`.
+        module: the model; on `device` already unless parameters are sharded (then its parameters stay
+            where they are and only shards move to `device`).
         optimizer: a torch optimizer over (a subset of) the module's parameters; rewired in place.
-        sharding: `ShardingPolicy` (optimizer_state, gradients; parameters is rejected upstream).
+        sharding: `ShardingPolicy` (optimizer_state, gradients, parameters).
         precision: `PrecisionPolicy` (working, master, accumulation and reduction dtypes).
         comm_policy: `CommPolicy` (bucket sizes, overlap, mean/sum).
         group: the data-parallel process group (None = world).
         device: where buffers live.
         dtype_of: maps a dtype name ("fp32", "bf16", "fp16") to a torch dtype.
         accumulation_steps: gradient accumulation steps (1 lets ZeRO-1 skip its full gradient buffer).
+        zero_config: the `zero_optimization` section (ZeRO-3's unit, prefetch and persistence keys).
     """
-    return ZeroOptimizer(module, optimizer, sharding=sharding, precision=precision, comm_policy=comm_policy,
-                         comm=Comm(group), device=device, dtype_of=dtype_of, accumulation_steps=accumulation_steps)
+    from .reducer import GradReducer
+    comm = Comm(group)
+    groups, frozen = optimizer_groups(module, optimizer)
+    param_dtype = dtype_of(precision.param_dtype)
+    if sharding.parameters:
+        from .unit_weights import UnitWeights
+        from .units import build_unit_layout
+        layout, frozen_layout, units = build_unit_layout(module, groups, frozen=frozen, zero_config=zero_config,
+                                                         world_size=comm.world_size, rank=comm.rank)
+        weights = UnitWeights(module, layout, units, param_dtype=param_dtype, comm=comm, device=device,
+                              frozen=frozen, zero_config=zero_config, frozen_layout=frozen_layout)
+        copy_engines = False
+    else:
+        from .flat_weights import FlatWeights
+        from .layout import build_layout
+        layout = build_layout(groups, bucket_numel=min(comm_policy.reduce_bucket_size, comm_policy.allgather_bucket_size,
+                                                       OVERLAP_BUCKET_NUMEL),
+                              world_size=comm.world_size, rank=comm.rank, sharded=sharding.optimizer_state)
+        weights = FlatWeights(module, layout, param_dtype=param_dtype, comm=comm, comm_policy=comm_policy,
+                              device=device, frozen=frozen)
+        copy_engines = weights.copy_engines
+    reducer = GradReducer(layout, comm=comm, sharding=sharding, precision=precision, comm_policy=comm_policy,
+                          device=device, dtype_of=dtype_of, accumulation_steps=accumulation_steps,
+                          copy_engines=copy_engines)
+    if sharding.parameters:
+        weights.attach(reducer)
+    return ZeroOptimizer(module, optimizer, layout=layout, weights=weights, reducer=reducer, comm=comm,
+                         precision=precision, dtype_of=dtype_of, frozen=frozen)

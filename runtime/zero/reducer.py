@@ -113,6 +113,8 @@ class GradReducer:
         self._next = 0
         self._communicate = False
         self._fresh = True  # the partition holds nothing since the last zero(): overwrite, do not add
+        self._reduced = False  # `accum` holds sums over ranks already ([Note: several backwards per step])
+        self._carried: Optional[torch.Tensor] = None
         self.norm_parts: Optional[List[torch.Tensor]] = None  # [Note: norms during backward]
         self._overwrite = False
         self._pending: Deque[tuple] = deque()  # (work, finalize callable or None), oldest first
@@ -120,12 +122,25 @@ class GradReducer:
         self._free: List[torch.Tensor] = []
         self._num_staging = 0
         self._hooks = [s.param.register_post_accumulate_grad_hook(self._make_hook(s)) for s in layout.slots]
+        # called with a bucket's index once every gradient of the bucket arrived in this backward (ZeRO-3
+        # releases gathered weights then: unit_weights.py)
+        self.on_bucket_ready: Optional[Callable[[int], None]] = None
 
     # -- micro-step lifecycle ------------------------------------------------------------------------
 
     def begin_micro_step(self, boundary: bool) -> None:
-        """Called before each backward: whether gradients get communicated at its end."""
+        """Called before each backward: whether gradients get communicated at its end.
+
+        [Note: several backwards per step] A script may call `engine.backward()` more than once before one
+        `step()` (a GAN's two losses), each at the boundary. The replicated buffer is all-reduced in place,
+        so reducing it again would count the earlier gradients world-size times over: its reduced contents
+        are set aside for this backward, which reduces only its own gradients, and added back after."""
         self._communicate = boundary or self.mode == SHARD_EVERY_STEP
+        if self._communicate and self.mode == REPLICATED:
+            if self._reduced:
+                self._carried = self.accum.clone()
+                self.accum.zero_()
+            self._reduced = True
         # [Note: norms during backward]
         self.norm_parts = [] if boundary and self.sum_locally else None
         self._overwrite, self._fresh = self._fresh, False
@@ -142,6 +157,9 @@ class GradReducer:
             self._launch_ready()
         self.wait_all()
         self._communicate = False
+        if self._carried is not None:  # [Note: several backwards per step]
+            self.accum.add_(self._carried)
+            self._carried = None
 
     def wait_all(self) -> None:
         while self._pending:
@@ -158,6 +176,7 @@ class GradReducer:
         `shard_every_step` is overwritten by the next micro-step instead of being cleared here."""
         if self.accum is not None:
             self.accum.zero_()
+        self._reduced = False
         if self.mode == SHARD_EVERY_STEP:
             self._fresh = True
         self.norm_parts = None
@@ -212,6 +231,8 @@ class GradReducer:
         if not self._seen[slot.index]:
             self._seen[slot.index] = True
             self._arrived[b] += 1
+            if self.on_bucket_ready is not None and self._arrived[b] == len(self.layout.buckets[b].slots):
+                self.on_bucket_ready(b)
         if self._communicate and self._arrived[b] == len(self.layout.buckets[b].slots):
             self._ready[b] = True
             self._launch_ready()

@@ -275,3 +275,36 @@ def test_device_side_overflow_skip_matches_a_run_without_the_step(stage):
         assert state["counters"]["skipped_steps"] == 1 and state["counters"]["global_steps"] == 4
         assert state["loss_scaler"]["cur_iter"] == clean_state["loss_scaler"]["cur_iter"] + 1
         assert static and not dynamic  # a dynamic fp16 scale needs the outcome before the next backward
+
+
+def _two_backwards_job(rank, world):
+    """Two engine.backward() calls before one step() (a GAN does this): the update uses g1 + g2 at every stage."""
+    import dsrun
+    out = {}
+    for stage in (0, 1, 2, 3):
+        cfg = config(stage, optimizer={"type": "SGD", "params": {"lr": 1.0}}, gradient_clipping=0.0)
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        engine, *_ = dsrun.initialize(model=model(), config=cfg)
+        for i in range(2):
+            x = torch.randn(1, 6, generator=torch.Generator().manual_seed(10 * i + rank))
+            engine.backward(engine(x).pow(2).sum())
+        engine.step()
+        out[stage] = [v.clone() for v in engine.module_state_dict().values()]
+        engine.destroy()
+    return out
+
+
+def test_several_backwards_before_one_step_sum_their_gradients():
+    reference = model()
+    for i in range(2):  # the mean over ranks of each rank's two gradients, one SGD step of lr 1
+        for r in range(2):
+            x = torch.randn(1, 6, generator=torch.Generator().manual_seed(10 * i + r))
+            (reference(x).pow(2).sum() / 2).backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= p.grad
+    want = list(reference.state_dict().values())
+    for res in run_ranks(_two_backwards_job, world_size=2):
+        for stage, got in res.items():
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"stage {stage}")

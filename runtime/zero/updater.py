@@ -1,0 +1,117 @@
+"""Bucket updaters: how the optimizer step turns reduced gradients into new weights, chosen once.
+
+`select_updater` picks one object at construction (never a type test per step):
+
+- `FlatKernelUpdater` (dsrun's FusedAdam): per bucket, one kernel applies the unscale-and-clip
+  coefficient, the Adam update and the cast into the working weights, and the bucket is published right
+  away, so publishing (all-gathers at stages 1-2) runs while later buckets update ([Note: pipelined step]).
+  It keeps torch's state layout ('step', 'exp_avg', 'exp_avg_sq' per master), so checkpoints and
+  `state_dict` do not depend on which updater ran. An overflow turns the coefficient into NaN and every
+  kernel leaves its bucket as it was ([Note: device-side skip] in optimizer.py).
+- `TorchOptimizerUpdater` (any other optimizer): one multiply of every gradient by the coefficient,
+  `optimizer.step()` on the masters, a cast of the masters into the working weights, then publishing.
+
+A host updater (optimizer state and masters in CPU memory, CPUAdam, for `offload_optimizer`) is a third
+implementation of the same two methods; `select_updater` is where it will be chosen from the offload policy.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Dict, List, Tuple
+
+import torch
+
+__all__ = ["select_updater", "FlatKernelUpdater", "TorchOptimizerUpdater"]
+
+
+def _flat_kernel_capable(optimizer) -> bool:
+    """dsrun's FusedAdam with its own `step` (a subclass overriding `step` keeps the torch path)."""
+    from dsrun.kernels.fused_adam import FusedAdam  # imports no compiled code
+    return isinstance(optimizer, FusedAdam) and type(optimizer).step is FusedAdam.step
+
+
+def select_updater(optimizer, *, weights, masters: List[torch.Tensor], aliased: bool,
+                   bucket_of_master: Dict[int, int]):
+    """The updater for `optimizer` over `masters` (one per bucket) publishing into `weights`."""
+    cls = FlatKernelUpdater if _flat_kernel_capable(optimizer) else TorchOptimizerUpdater
+    return cls(optimizer, weights=weights, masters=masters, aliased=aliased, bucket_of_master=bucket_of_master)
+
+
+class _Updater:
+    skips_on_device = False
+
+    def __init__(self, optimizer, *, weights, masters, aliased, bucket_of_master):
+        self.optimizer, self.weights, self.masters = optimizer, weights, masters
+        self.aliased, self.bucket_of_master = aliased, bucket_of_master
+
+    def cast_and_publish(self) -> None:
+        """Masters -> working weights (cast), then publish every bucket (forward order: last bucket first)."""
+        n = len(self.masters)
+        if not self.aliased and n:
+            torch._foreach_copy_([self.weights.owned(b) for b in range(n)], self.masters)
+        for b in reversed(range(n)):
+            self.weights.publish(b)
+
+    def wait(self) -> None:
+        """Updates queued elsewhere than the compute stream are visible to it (nothing to wait for here)."""
+
+
+class TorchOptimizerUpdater(_Updater):
+    def step(self, coef, grads: List[torch.Tensor]) -> None:
+        if grads and (torch.is_tensor(coef) or coef != 1.0):
+            torch._foreach_mul_(grads, coef)
+        for master, grad in zip(self.masters, grads):
+            master.grad = grad
+        self.optimizer.step()
+        self.cast_and_publish()
+
+
+class FlatKernelUpdater(_Updater):
+    skips_on_device = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._side = None  # CUDA stream of the update while publishing overlaps the next forward
+
+    def step(self, coef, grads: List[torch.Tensor]) -> None:
+        """[Note: pipelined step] per bucket: unscale+clip+Adam+cast in one kernel, then its publish.
+
+        When publishing overlaps the next forward on CUDA the updates run on a side stream: the next
+        forward starts at once and each layer waits (through its bucket's all-gather, launched after that
+        bucket's update) only for its own weights, so the update of later buckets overlaps the first
+        layers' compute. (Launching the later buckets lazily from the forward's pre-hooks, to take their
+        host work off the step, measured no faster on 4 H200: RESULTS.md B3, 2026-11-22.)"""
+        opt = self.optimizer
+        by_bucket: Dict[int, Tuple[int, torch.Tensor]] = {
+            self.bucket_of_master[id(m)]: (g, m) for g, group in enumerate(opt.param_groups) for m in group["params"]}
+        side = None
+        device = self.weights.device
+        if self.weights.overlaps_forward and device.type == "cuda":
+            if self._side is None:
+                self._side = torch.cuda.Stream(device=device)
+            side = self._side
+            side.wait_stream(torch.cuda.current_stream(device))
+            if torch.is_tensor(coef):
+                coef.record_stream(side)  # made on the main stream, read on the side one
+        with torch.cuda.stream(side) if side is not None else nullcontext():
+            for b in sorted(by_bucket, reverse=True):  # forward order: the last bucket holds the first layers
+                g, master = by_bucket[b]
+                self._update_bucket(b, g, master, grads[b], coef)
+
+    def _update_bucket(self, b: int, g: int, master: torch.Tensor, grad: torch.Tensor, coef) -> None:
+        state = self.optimizer.state[master]
+        if len(state) == 0:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(master)
+            state["exp_avg_sq"] = torch.zeros_like(master)
+        state["step"] = int(state["step"]) + 1
+        out = None if self.aliased else self.weights.owned(b)
+        if master.numel():
+            self.optimizer.step_flat(master, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], out=out,
+                                     group=g, grad_scale=coef)
+        self.weights.publish(b)
+
+    def wait(self) -> None:
+        """The compute stream waits for updates queued on the side stream."""
+        if self._side is not None:
+            torch.cuda.current_stream(self.weights.device).wait_stream(self._side)
