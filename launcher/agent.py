@@ -583,7 +583,8 @@ class NodeAgent:
             self.record_path = self.report.write(directory)
         except OSError as e:
             self._note(f"could not write the failure record to {directory}: {e}", 40)
-        print_failure(self.report, self.record_path, stream=self.console.err)
+        if not self._emit_marker:  # a remote agent's driver merges every node's report and prints one summary
+            print_failure(self.report, self.record_path, stream=self.console.err)
         if self._emit_marker:
             try:
                 self.console.out.write(self.report.marker_line() + "\n")
