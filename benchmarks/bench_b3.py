@@ -162,8 +162,19 @@ def worker(args):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     losses = []
+    # allocated GiB after building, and after forward/backward/step of the last warm-up step (host-side
+    # allocator counts: no sync), then the peak so far
+    mem = {"init": round(torch.cuda.memory_allocated() / 2**30, 2)} if cuda else {}
+
+    def mem_phase(name):
+        mem[name] = round(torch.cuda.memory_allocated() / 2**30, 2)
     for step in range(args.warmup):
-        losses.append(float(train_step(*split(batches[step % len(batches)].to(device))).detach()))
+        last = cuda and step == args.warmup - 1
+        losses.append(float(train_step(*split(batches[step % len(batches)].to(device)),
+                                       mem_phase if last else None).detach()))
+        last and mem_phase("step")
+    if cuda:
+        mem["max"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     # [Note: windowed timing] the timed steps run back to back with no host sync between them (as in real
     # training, where the loss is read every N steps): the headline is the window's mean step. Work a
     # contender leaves running past step() (overlapped all-gathers) is paid for by the next step.
@@ -217,6 +228,8 @@ def worker(args):
     }
     if each_ms:
         result["each_ms"] = each_ms
+    if mem:
+        result["mem_gib"] = mem
     if phases:
         result["phases_ms"] = {k: round(sorted(v)[len(v) // 2] * 1e3, 1) for k, v in phases.items()}
     if rank == 0:
@@ -272,7 +285,8 @@ def report(args, results):
     rows = "".join(
         f"| {r['mode']} | {r['world']} | {r.get('step_ms', '-')} | {r.get('tok_s_gpu', r.get('error'))} | "
         f"{r.get('mfu', '-')} | {r.get('peak_gib', '-')} | {r.get('loss_first', '-')}→{r.get('loss_last', '-')} |"
-        + (f" {r['phases_ms']}" if r.get("phases_ms") else "") + "\n"
+        + (f" {r['phases_ms']}" if r.get("phases_ms") else "")
+        + (f" mem {r['mem_gib']}" if r.get("mem_gib") else "") + "\n"
         for r in results)
     text = (f"\n## B3 ZeRO throughput ({datetime.date.today().isoformat()})\n\n"
             f"- machine: {dev} x{torch.cuda.device_count() if torch.cuda.is_available() else 0}, "

@@ -55,7 +55,7 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
         copy_engines = weights.copy_engines
     reducer = GradReducer(layout, comm=comm, sharding=sharding, precision=precision, comm_policy=comm_policy,
                           device=device, dtype_of=dtype_of, accumulation_steps=accumulation_steps,
-                          copy_engines=copy_engines)
+                          copy_engines=copy_engines, transient=sharding.parameters)
     if sharding.parameters:
         weights.attach(reducer)
     return ZeroOptimizer(module, optimizer, layout=layout, weights=weights, reducer=reducer, comm=comm,

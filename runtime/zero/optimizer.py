@@ -144,6 +144,8 @@ class ZeroOptimizer:
             return self._step(loss_scale, max_norm, check_overflow, skip_on_device)
         finally:
             self.reducer.zero()
+            if self.reducer.transient:  # the gradient chunks were dropped: masters must not keep them alive
+                self._attach_grads()
 
     def _step(self, loss_scale, max_norm, check_overflow, skip_on_device) -> StepResult:
         self.wait_params()

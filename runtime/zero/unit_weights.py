@@ -7,6 +7,14 @@ parameters then view; *released*, its parameters point at an empty placeholder a
 The whole model is never materialised on one device: at construction each bucket is assembled on its
 own, and at any time only the units in use (plus prefetched and kept ones) are whole. When to gather and
 release is UnitSchedule's business (unit_schedule.py: [Note: ZeRO-3 gather and release]).
+
+[Note: the master is the shard] With 16-bit working weights and fp32 masters, a trainable bucket keeps no
+16-bit shard: a gather casts this rank's fp32 master chunk straight into its own chunk of the gathered
+buffer and all-gathers in place (FSDP2 does the same cast in its all-gather copy-in). A separate 16-bit
+shard would only ever hold the master's cast, and costs 2 bytes per parameter / world (1.17 GiB per rank
+on the 1.26B B3 model over 2 ranks); the cast is one elementwise pass over the shard per gather. So
+`owned(b)` is None for such a bucket (the updaters then write only the master) and a parameter's
+`ds_tensor` is its fp32 master slice. Frozen buckets (no master) keep their 16-bit shards.
 """
 from __future__ import annotations
 
@@ -104,6 +112,16 @@ class UnitWeights:
 
     # -- gather and release --------------------------------------------------------------------------
 
+    def _gather_into(self, b: int, full: torch.Tensor):
+        """Launch bucket b's all-gather into `full` ([Note: the master is the shard])."""
+        src = self.shards[b]
+        if src is None:
+            bucket = self.buckets[b]
+            src = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start]
+            # the foreach copy casts vectorized on CUDA (a casting copy_ does not: reducer.py's _take)
+            torch._foreach_copy_([src], [self.masters[b]])
+        return self.comm.all_gather(full, src, async_op=True)
+
     def launch(self, u: int) -> None:
         """Start gathering unit `u` (asynchronously; `ensure` waits)."""
         if u in self._live:
@@ -111,7 +129,7 @@ class UnitWeights:
         works = []
         for b in self.gathered[u]:
             full = torch.empty(self.buckets[b].numel, dtype=self.param_dtype, device=self.device)
-            works.append(self.comm.all_gather(full, self.shards[b], async_op=True))
+            works.append(self._gather_into(b, full))
             self._full[b] = full
         self._pending[u] = works
         self._live[u] = None
@@ -174,9 +192,18 @@ class UnitWeights:
     def make_masters(self, master_dtype: torch.dtype, aliased: bool) -> List[torch.Tensor]:
         init, self._init_masters = self._init_masters, []
         self.masters = self.shards[:self.num_trainable] if aliased else [m.to(master_dtype) for m in init]
+        if not aliased and master_dtype == torch.float32:  # [Note: the master is the shard]
+            for b in range(self.num_trainable):
+                self.shards[b] = None
+                bucket = self.buckets[b]
+                for s in bucket.slots:
+                    lo, hi = bucket.owned_range(s)
+                    a = s.offset + lo - bucket.own_start if hi > lo else 0
+                    s.param.ds_tensor = self.masters[b][a:a + hi - lo]
         return self.masters
 
-    def owned(self, b: int) -> torch.Tensor:
+    def owned(self, b: int) -> Optional[torch.Tensor]:
+        """Bucket b's working shard; None when the master is the shard ([Note: the master is the shard])."""
         return self.shards[b]
 
     def publish(self, b: int) -> None:
@@ -184,7 +211,7 @@ class UnitWeights:
         from the new shard the next time it is used."""
         u = self.unit_of_bucket[b]
         if self.units[u].persistent:
-            self._publishes.append(self.comm.all_gather(self._full[b], self.shards[b], async_op=True))
+            self._publishes.append(self._gather_into(b, self._full[b]))
         elif u in self._live:
             self.release(u)
 
@@ -227,7 +254,8 @@ class UnitWeights:
                 own = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start]
                 if b < len(self.masters) and self.masters[b] is not self.shards[b]:
                     self.masters[b].copy_(own)
-                self.shards[b].copy_(own)
+                if self.shards[b] is not None:
+                    self.shards[b].copy_(own)
 
     def full_state_dict(self, module: torch.nn.Module) -> dict:
         """`module.state_dict()` with every parameter whole (gathers unit by unit; collective)."""

@@ -47,8 +47,11 @@ class _Updater:
     def cast_and_publish(self) -> None:
         """Masters -> working weights (cast), then publish every bucket (forward order: last bucket first)."""
         n = len(self.masters)
-        if not self.aliased and n:
-            torch._foreach_copy_([self.weights.owned(b) for b in range(n)], self.masters)
+        if not self.aliased and n:  # a weight store may keep no working shard (unit_weights.py)
+            pairs = [(self.weights.owned(b), m) for b, m in enumerate(self.masters)]
+            pairs = [(w, m) for w, m in pairs if w is not None]
+            if pairs:
+                torch._foreach_copy_([w for w, _ in pairs], [m for _, m in pairs])
         for b in reversed(range(n)):
             self.weights.publish(b)
 

@@ -295,6 +295,25 @@ def live_after_forward(rank, world):
     return out
 
 
+# -- memory held between steps -------------------------------------------------------------------------
+
+def held_between_steps(engine):
+    """(bytes of per-rank state, this rank's trainable elements) after a step: shards, masters, optimizer
+    state, gradient chunks and staging buffers."""
+    zero = engine.zero
+    weights, reducer = zero.weights, zero.reducer
+    tensors = [t for t in weights.shards[:weights.num_trainable] + list(zero.masters) + list(reducer.grads)
+               + list(reducer._free) + [reducer.part] if t is not None]
+    tensors += [v for st in zero.optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()]
+    seen, total = set(), 0
+    for t in tensors:  # masters alias the shards in fp32: count each storage once
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total, sum(m.numel() for m in zero.masters)
+
+
 # -- the jobs ------------------------------------------------------------------------------------------
 
 CELLS = {2: (("fp32", 1), ("fp32", 2), ("bf16", 2)), 3: (("fp32", 2),)}
@@ -305,6 +324,7 @@ def job(rank, world, ckpt_dir, out_dir):
     for precision, gas in CELLS[world]:
         engine, *_ = dsrun.initialize(model=eq.make_model(), config=z3_config(precision, gas, world))
         out[precision, gas] = train_cell(engine, rank, world, gas)
+        out["held", precision, gas] = held_between_steps(engine)
         engine.destroy()
     out["init"] = init_and_gather(rank, world)
     if world == 2:
@@ -332,6 +352,15 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("world,precision,gas", [(w, p, g) for w, cells in CELLS.items() for p, g in cells])
 def test_matches_pytorch(results, world, precision, gas):
     eq.check_cell(results[world], (precision, gas), world, precision, gas)
+
+
+@pytest.mark.parametrize("world,precision,gas", [(w, p, g) for w, cells in CELLS.items() for p, g in cells])
+def test_between_steps_a_rank_holds_only_masters_and_adam_state(results, world, precision, gas):
+    # no 16-bit shard beside the fp32 master, no gradient partition or staging buffer kept between steps
+    # (unit_weights.py's [Note: the master is the shard], reducer.py's [Note: transient gradient storage])
+    for res in results[world]:
+        held, owned = res["held", precision, gas]
+        assert held == 12 * owned, (held, owned)
 
 
 @pytest.mark.parametrize("world", (2, 3))
@@ -448,8 +477,8 @@ def test_stage3_through_the_launcher(tmp_path):
 
 
 def _cuda_job(rank, world):
-    """bf16 on NCCL: ZeRO-3 (FusedAdam flat kernel into the shards, async per-unit gathers with prefetch, a
-    persistent unit, 16-bit all-to-all gradient reduction) against ZeRO-2 from the same start."""
+    """bf16 on NCCL: ZeRO-3 (FusedAdam flat kernel on the masters, async per-unit gathers cast from them with
+    prefetch, a persistent unit, 16-bit all-to-all gradient reduction) against ZeRO-2 from the same start."""
     out = {}
     for name, stage in (("z2", 2), ("z3", 3)):
         torch.manual_seed(0)
