@@ -294,9 +294,15 @@ def cli(**params):
     spec = build_spec(params, environ=dict(os.environ), cwd=os.path.abspath("."), python=sys.executable)
     launch_plan = plan(spec)
     _check_master_port(spec, launch_plan)
+    from . import preflight  # imports the config loader (no torch), only when launching
+
+    checked = preflight.check(spec, launch_plan)
     if spec.dry_run:
         click.echo(json.dumps(launch_plan.to_dry_run(), indent=2))
+        click.echo(checked.summary(launch_plan), err=True)
         return
+    for note in checked.notes:
+        logging.getLogger("dsrun.launcher").warning(note)
     from .execute import execute  # the executor (and only it) may start processes
 
     sys.exit(execute(launch_plan))
