@@ -71,7 +71,7 @@ class Preflight:
                  f"master {plan.master_addr}:{plan.master_port}",
                  f"dsrun: script {self.script}: found" if self.script else "dsrun: script: not checked"]
         if self.config:
-            lines.append(f"dsrun: config {self.config}: valid for {self.world_size} rank(s); {self.batch}")
+            lines.append(f"dsrun: config {self.config}: valid; {self.batch}")
         else:
             lines.append("dsrun: config: none named in the script's arguments (not checked)")
         lines += [f"dsrun: note: {note}" for note in self.notes]
