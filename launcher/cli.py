@@ -2,13 +2,9 @@
 
 Options convert through `ParamType`s that call the pure parsers; the CLI captures what planning needs
 from the machine (environment, hostfile and `.deepspeed_env` contents, visible GPUs, a free port) into
-a `LaunchSpec`, plans, then prints the plan (`--dry_run`) or executes it. Importing this module, and
-the whole launch path up to `execute()`, never imports torch.
-
-[Note: option spellings] Like DeepSpeed's argparse parser, options before SCRIPT accept hyphenated
-spellings (`--num-gpus`) and unique prefixes (`--launcher_arg`, `--num_g`); `--master` is ambiguous.
-`_canonical_args()` rewrites them to the declared names before click parses. Everything from SCRIPT
-on is passed to the script untouched.
+a `LaunchSpec`, plans, runs the preflight checks (launcher/preflight.py), then prints the plan
+(`--dry_run`) or executes it. Importing this module, and the whole launch path up to `execute()`, never
+imports torch. DeepSpeed's option spellings: [Note: option spellings] on `_DsrunCommand`.
 """
 from __future__ import annotations
 
@@ -90,6 +86,14 @@ class _Seconds(click.ParamType):
             raise UsageError(f"{value!r} is not a valid number of seconds: it must be finite, {bound} and at most "
                              f"{self._high:g}", where=self._flag)
         return number
+
+
+class _Choice(click.Choice):
+    """click's Choice, without the context's `token_normalize_func`: that maps option names
+    ([Note: option spellings]), never option values."""
+
+    def normalize_choice(self, choice, ctx):
+        return super().normalize_choice(choice, None)
 
 
 _DAY_S = 24 * 3600.0
@@ -268,11 +272,11 @@ launching, dsrun checks that SCRIPT exists and validates the DeepSpeed config na
               help="Cores to share out, e.g. 0,2-4,6 (with --bind_cores_to_rank).")
 @click.option("--ssh_port", type=click.IntRange(1, 65535), default=None, help="SSH port of the nodes.")
 @click.option("--venv_script", metavar="PATH", default=None, help="Script sourced on each node before starting.")
-@click.option("--log_level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="info",
+@click.option("--log_level", type=_Choice(LOG_LEVELS, case_sensitive=False), default="info",
               show_default=True, help="The launcher's messages at this level and above.")
 @click.option("-q", "--quiet", is_flag=True, help="Same as --log_level error (hides the start line; failures still "
                                                   "print).")
-@click.option("--autotuning", type=click.Choice(["tune", "run"]), default=None, hidden=True)
+@click.option("--autotuning", type=_Choice(["tune", "run"]), default=None, hidden=True)
 @click.option("--dry_run", is_flag=True, help="Print the launch plan as JSON and exit; start nothing.")
 @click.option("--max_restarts", type=click.IntRange(min=0), default=0, show_default=True,
               help="Restart the ranks of a failed node up to N times.")
@@ -297,12 +301,14 @@ def cli(**params):
     from . import preflight  # imports the config loader (no torch), only when launching
 
     checked = preflight.check(spec, launch_plan)
+    log = logging.getLogger("dsrun.launcher")
     if spec.dry_run:
         click.echo(json.dumps(launch_plan.to_dry_run(), indent=2))
-        click.echo(checked.summary(launch_plan), err=True)
+        if log.isEnabledFor(logging.INFO):  # the summary holds the notes; -q: the JSON alone
+            click.echo(checked.summary(launch_plan), err=True)
         return
     for note in checked.notes:
-        logging.getLogger("dsrun.launcher").warning(note)
+        log.warning(note)
     from .execute import execute  # the executor (and only it) may start processes
 
     sys.exit(execute(launch_plan))

@@ -164,6 +164,12 @@ def test_dry_run_summary_on_stderr_json_on_stdout(work):
     assert "nothing started" in done.stderr and "dsrun: starting" not in done.stderr
 
 
+def test_quiet_dry_run_prints_the_json_alone(work):
+    (work / "t.py").write_text("")
+    result = invoke(work, "-q", "--dry_run", "--log-level", "WARNING", "t.py")
+    assert result.exit_code == 0 and result.stderr == "" and json.loads(result.stdout)["world_size"] == 1
+
+
 # -- real runs: --deepspeed PATH, start and end lines --
 
 @pytest.mark.slow
