@@ -184,12 +184,11 @@ def _unknown_option(err: click.NoSuchOption, args: List[str]) -> UsageError:
         return UsageError(f"no such option (did you mean {' or '.join(sorted(close))}?)", where=flag,
                           hint="script arguments go after the script: dsrun [OPTIONS] SCRIPT [SCRIPT_ARGS]...")
     start = args.index(typed) if typed in args else 0
-    script = next((a for a in args[start + 1:] if not a.startswith("-") and
-                   (a.endswith(".py") or os.path.isfile(a))), None)
+    # The script is the first `.py` after the flag (the flag's own value may be an existing file).
+    script = next((a for a in args[start + 1:] if a.endswith(".py") and not a.startswith("-")), None)
     if script is None:
-        moved = " ".join(args[start:start + 1])
         return UsageError(f"{flag} is not a dsrun option; script arguments go after the script: "
-                          f"dsrun [OPTIONS] SCRIPT {moved}", hint="see `dsrun --help`")
+                          f"dsrun [OPTIONS] SCRIPT {typed}", hint="see `dsrun --help`")
     end = args.index(script, start)
     before = [a for a in args[:start] if a != "--"]
     usage = " ".join(["dsrun"] + before + [script] + args[start:end] + args[end + 1:])

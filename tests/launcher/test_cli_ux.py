@@ -103,6 +103,7 @@ def test_python_dash_m_dsrun(work):
 # -- script flags before the script --
 
 def test_script_flag_before_script_gets_a_hint(work):
+    (work / "x.json").write_text("{}")  # an existing value file is not taken for the script
     result = invoke(work, "--num_gpus", "2", "--deepspeed_config", "x.json", "train.py", "--lr", "1")
     assert result.exit_code == 2
     assert ("--deepspeed_config is not a dsrun option; script arguments go after the script: "
