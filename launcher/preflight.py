@@ -15,6 +15,7 @@ a warning: the runtime checks the batch again with the real data-parallel size.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
@@ -26,6 +27,7 @@ __all__ = ["CONFIG_FLAGS", "find_config", "check", "Preflight"]
 
 # The script flags that name a DeepSpeed config, in the order DeepSpeed's runtime prefers them.
 CONFIG_FLAGS = ("--deepspeed_config", "--deepscale_config", "--deepspeed")
+_BASE64 = re.compile(r"eyJ[A-Za-z0-9_\-+/]*=*")  # base64 of JSON text starting with '{"'
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -124,8 +126,11 @@ def _check_config(path: str, shown: str, world_size: int):
     from dsrun.runtime.config import load_config  # no torch: [Note: preflight config]
 
     if not os.path.isfile(path):
-        raise ConfigError("config file not found", where=shown,
-                          hint="the path is relative to the working directory; fix it in the script's arguments")
+        if _BASE64.fullmatch(shown):  # DeepSpeed also takes the config as url-safe base64 JSON
+            path = shown
+        else:
+            raise ConfigError("config file not found", where=shown,
+                              hint="the path is relative to the working directory; fix it in the script's arguments")
     try:
         cfg = load_config(path, world_size=world_size)
     except ConfigError as err:

@@ -155,6 +155,16 @@ def test_auto_values_pass_preflight(work):
     assert result.exit_code == 0, result.output
 
 
+def test_base64_config_and_model_parallel_batch_note(work):
+    import base64
+
+    (work / "t.py").write_text("")
+    config = base64.urlsafe_b64encode(b'{"train_batch_size": 6}').decode()
+    result = invoke(work, "--dry_run", "--num_gpus", "4", "t.py", "--deepspeed_config", config)
+    assert result.exit_code == 0, result.output
+    assert "do not fit 4 data-parallel ranks" in result.stderr and "they fit 2" in result.stderr
+
+
 def test_dry_run_summary_on_stderr_json_on_stdout(work):
     (work / "t.py").write_text("")
     (work / "ds.json").write_text('{"train_batch_size": 8, "train_micro_batch_size_per_gpu": 2}')
