@@ -2,13 +2,9 @@
 
 Options convert through `ParamType`s that call the pure parsers; the CLI captures what planning needs
 from the machine (environment, hostfile and `.deepspeed_env` contents, visible GPUs, a free port) into
-a `LaunchSpec`, plans, then prints the plan (`--dry_run`) or executes it. Importing this module, and
-the whole launch path up to `execute()`, never imports torch.
-
-[Note: option spellings] Like DeepSpeed's argparse parser, options before SCRIPT accept hyphenated
-spellings (`--num-gpus`) and unique prefixes (`--launcher_arg`, `--num_g`); `--master` is ambiguous.
-`_canonical_args()` rewrites them to the declared names before click parses. Everything from SCRIPT
-on is passed to the script untouched.
+a `LaunchSpec`, plans, runs the preflight checks (launcher/preflight.py), then prints the plan
+(`--dry_run`) or executes it. Importing this module, and the whole launch path up to `execute()`, never
+imports torch. DeepSpeed's option spellings: [Note: option spellings] on `_DsrunCommand`.
 """
 from __future__ import annotations
 
@@ -92,6 +88,14 @@ class _Seconds(click.ParamType):
         return number
 
 
+class _Choice(click.Choice):
+    """click's Choice, without the context's `token_normalize_func`: that maps option names
+    ([Note: option spellings]), never option values."""
+
+    def normalize_choice(self, choice, ctx):
+        return super().normalize_choice(choice, None)
+
+
 _DAY_S = 24 * 3600.0
 FILTER_INCLUDE = _ParserType("filter", lambda v: resources.parse_filter(v, "--include"))
 FILTER_EXCLUDE = _ParserType("filter", lambda v: resources.parse_filter(v, "--exclude"))
@@ -114,10 +118,22 @@ def _setup_logging(level: str) -> None:
 
 
 class _DsrunCommand(click.Command):
-    """click's Command plus argparse-style spellings and `dsrun: error:` for DsrunErrors (no traceback)."""
+    """click's Command with DeepSpeed's option spellings and `dsrun: error:` for DsrunErrors (no traceback).
+
+    [Note: option spellings] Like DeepSpeed's argparse parser, options before SCRIPT accept hyphenated
+    spellings (`--num-gpus`) and unique prefixes (`--launcher_arg`, `--num_g`); `--master` is ambiguous.
+    click's parser passes every option name, declared and typed, through the context's
+    `token_normalize_func`; `parse_args` installs `_spelling_normalizer` there. Everything from SCRIPT on
+    is the script's: click stops at the first argument (`allow_interspersed_args=False`).
+    """
 
     def parse_args(self, ctx, args):
-        return super().parse_args(ctx, _canonical_args(self, list(args)))
+        ctx.token_normalize_func = _spelling_normalizer(self, ctx)
+        typed = list(args)  # click's parser consumes `args` as it goes
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as err:
+            raise _unknown_option(err, typed) from None
 
     def main(self, *args, **kwargs):
         try:
@@ -127,28 +143,120 @@ class _DsrunCommand(click.Command):
             sys.exit(err.exit_code)
 
 
-@click.command(cls=_DsrunCommand, context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"],
-                                 "max_content_width": 110})
+def _spelling_normalizer(command: click.Command, ctx: click.Context):
+    """The `token_normalize_func` for `command`: maps an option name (without its dashes) to the declared
+    name it spells. Declared names map to themselves; `-` reads as `_`; a unique prefix of a long name
+    (two characters at least, so that bundled short flags such as `-qH` fall through to click's short
+    option handling) is that name; an ambiguous prefix is a UsageError naming the candidates."""
+    owner: Dict[str, str] = {}
+    short = set()
+    for param in command.get_params(ctx):
+        if isinstance(param, click.Option):
+            for opt in param.opts + param.secondary_opts:
+                if opt.startswith("--"):
+                    owner[opt[2:]] = param.name
+                else:
+                    short.add(opt[1:])
+
+    def normalize(name: str) -> str:
+        if name in owner or name in short:
+            return name
+        name = name.replace("-", "_")
+        if name in owner or len(name) < 2:
+            return name
+        matches = sorted({owner[n]: n for n in owner if n.startswith(name)}.values())
+        if len(matches) > 1:
+            raise UsageError(f"ambiguous option: could match {', '.join('--' + m for m in matches)}",
+                             where="--" + name, hint="spell the option out")
+        return matches[0] if matches else name
+
+    return normalize
+
+
+def _unknown_option(err: click.NoSuchOption, args: List[str]) -> UsageError:
+    """A UsageError for an option dsrun does not have; when it looks like the script's own flag, say that
+    script arguments go after the script, and show the command line that would work."""
+    typed = next((a for a in args if a.split("=", 1)[0].replace("-", "_") == err.option_name.replace("-", "_")),
+                 err.option_name)
+    flag = typed.split("=", 1)[0]
+    close = [p for p in (err.possibilities or []) if p.startswith("--")]
+    if close:
+        return UsageError(f"no such option (did you mean {' or '.join(sorted(close))}?)", where=flag,
+                          hint="script arguments go after the script: dsrun [OPTIONS] SCRIPT [SCRIPT_ARGS]...")
+    start = args.index(typed) if typed in args else 0
+    # The script is the first `.py` after the flag (the flag's own value may be an existing file).
+    script = next((a for a in args[start + 1:] if a.endswith(".py") and not a.startswith("-")), None)
+    if script is None:
+        return UsageError(f"{flag} is not a dsrun option; script arguments go after the script: "
+                          f"dsrun [OPTIONS] SCRIPT {typed}", hint="see `dsrun --help`")
+    end = args.index(script, start)
+    before = [a for a in args[:start] if a != "--"]
+    usage = " ".join(["dsrun"] + before + [script] + args[start:end] + args[end + 1:])
+    return UsageError(f"{flag} is not a dsrun option; script arguments go after the script: "
+                      f"dsrun [OPTIONS] {script} {' '.join(args[start:end])}".rstrip(),
+                      hint=f"did you mean: {usage}")
+
+
+def _version_text() -> str:
+    """`dsrun --version`: dsrun's version and where it is imported from, Python's, and torch's as
+    installed (read from package metadata: importing torch would take seconds)."""
+    import platform
+    from importlib import metadata
+
+    import dsrun
+
+    try:
+        torch = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch = "not installed"
+    return (f"dsrun {dsrun.__version__} from {os.path.dirname(os.path.abspath(dsrun.__file__))} "
+            f"(python {platform.python_version()}, torch {torch})")
+
+
+def _print_version(ctx, param, value):
+    if value and not ctx.resilient_parsing:
+        click.echo(_version_text())
+        ctx.exit()
+
+
+_EPILOG = """\b
+Examples:
+  dsrun train.py --deepspeed_config ds.json       every GPU here (or one CPU rank without GPUs)
+  dsrun --num_gpus 2 train.py --deepspeed ds.json  two ranks on this machine
+  dsrun -H hostfile --num_nodes 2 train.py ...     two hosts from the hostfile, over ssh
+  dsrun --dry_run --num_gpus 4 train.py            print the launch plan as JSON; start nothing
+
+\b
+Options go before SCRIPT; everything after SCRIPT is passed to it untouched. Before
+launching, dsrun checks that SCRIPT exists and validates the DeepSpeed config named by
+--deepspeed_config/--deepspeed in the script's arguments (exit 2, nothing started)."""
+
+
+@click.command(cls=_DsrunCommand, epilog=_EPILOG,
+               context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"],
+                                 "max_content_width": 110, "show_default": True})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Print dsrun's version, install path and the torch version, and exit.")
 @click.option("-H", "--hostfile", metavar="PATH", default=None,
               help="Hostfile (`host slots=N` lines, or .yaml). Default: $DLTS_HOSTFILE or /job/hostfile if it "
                    "exists; otherwise this machine only. A path given here must exist.")
-@click.option("-i", "--include", default="", type=FILTER_INCLUDE, metavar="FILTER",
+@click.option("-i", "--include", default="", type=FILTER_INCLUDE, metavar="FILTER", show_default="all",
               help="Hosts/slots to use: HOST[:SLOT,...][@HOST...], e.g. worker-0:0,1@worker-1.")
-@click.option("-e", "--exclude", default="", type=FILTER_EXCLUDE, metavar="FILTER",
+@click.option("-e", "--exclude", default="", type=FILTER_EXCLUDE, metavar="FILTER", show_default="none",
               help="Hosts/slots to leave out (same syntax as --include).")
 @click.option("--num_nodes", type=_Count("--num_nodes", resources.MAX_WORLD_SIZE, "a number of hosts >= 0"),
-              default=-1, show_default=True, help="Use the first N hosts.")
-@click.option("--num_gpus", "--num_accelerators", "num_gpus", default=-1, show_default=True,
+              default=-1, show_default="all hosts", help="Use the first N hosts.")
+@click.option("--num_gpus", "--num_accelerators", "num_gpus", default=-1, show_default="every slot",
               type=_Count("--num_gpus", resources.MAX_SLOTS_PER_HOST, "a number of ranks per node >= 0"),
               help="Ranks per node (replaces the slot list with 0..N-1; CPU ranks without GPUs).")
 @click.option("--master_port", type=click.IntRange(1, 65535), default=None,
               help="Rendezvous port. Default: a free port on one node, 29500 across nodes.")
-@click.option("--master_addr", default="", help="Rendezvous address. Default: 127.0.0.1 on one node, "
+@click.option("--master_addr", default="", show_default=False, help="Rendezvous address. Default: 127.0.0.1 on one node, "
                                                 "else the first host's name as written in the hostfile.")
-@click.option("--node_rank", type=int, default=-1, show_default=True, help="This node's index (with --no_ssh).")
+@click.option("--node_rank", type=int, default=-1, show_default=False, help="This node's index (with --no_ssh).")
 @click.option("--launcher", type=LAUNCHER, default=None,
               help=f"Multi-node launcher: {', '.join(LAUNCHERS[1:])} (default ssh); one node runs locally.")
-@click.option("--launcher_args", default="", help="Extra arguments for the launcher (shell-split).")
+@click.option("--launcher_args", default="", show_default=False, help="Extra arguments for the launcher (shell-split).")
 @click.option("--module", is_flag=True, help="Run SCRIPT as `python -m SCRIPT`.")
 @click.option("--no_python", is_flag=True, help="Run SCRIPT directly, without `python -u`.")
 @click.option("--no_local_rank", is_flag=True, help="Do not pass --local_rank=N to the script.")
@@ -163,10 +271,11 @@ class _DsrunCommand(click.Command):
               help="Cores to share out, e.g. 0,2-4,6 (with --bind_cores_to_rank).")
 @click.option("--ssh_port", type=click.IntRange(1, 65535), default=None, help="SSH port of the nodes.")
 @click.option("--venv_script", metavar="PATH", default=None, help="Script sourced on each node before starting.")
-@click.option("--log_level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="info",
-              show_default=True)
-@click.option("-q", "--quiet", is_flag=True, help="Same as --log_level error.")
-@click.option("--autotuning", type=click.Choice(["tune", "run"]), default=None, hidden=True)
+@click.option("--log_level", type=_Choice(LOG_LEVELS, case_sensitive=False), default="info",
+              show_default=True, help="The launcher's messages at this level and above.")
+@click.option("-q", "--quiet", is_flag=True, help="Same as --log_level error (hides the start line; failures still "
+                                                  "print).")
+@click.option("--autotuning", type=_Choice(["tune", "run"]), default=None, hidden=True)
 @click.option("--dry_run", is_flag=True, help="Print the launch plan as JSON and exit; start nothing.")
 @click.option("--max_restarts", type=click.IntRange(min=0), default=0, show_default=True,
               help="Restart the ranks of a failed node up to N times.")
@@ -188,9 +297,17 @@ def cli(**params):
     spec = build_spec(params, environ=dict(os.environ), cwd=os.path.abspath("."), python=sys.executable)
     launch_plan = plan(spec)
     _check_master_port(spec, launch_plan)
+    from . import preflight  # imports the config loader (no torch), only when launching
+
+    checked = preflight.check(spec, launch_plan)
+    log = logging.getLogger("dsrun.launcher")
     if spec.dry_run:
         click.echo(json.dumps(launch_plan.to_dry_run(), indent=2))
+        if log.isEnabledFor(logging.INFO):  # the summary holds the notes; -q: the JSON alone
+            click.echo(checked.summary(launch_plan), err=True)
         return
+    for note in checked.notes:
+        log.warning(note)
     from .execute import execute  # the executor (and only it) may start processes
 
     sys.exit(execute(launch_plan))
@@ -252,52 +369,6 @@ def _check_master_port(spec: LaunchSpec, launch_plan: LaunchPlan) -> None:
         return
     if launch_plan.node_rank in (None, 0):
         ports.ensure_port_free(spec.master_port)
-
-
-def _canonical_args(command: click.Command, args: List[str]) -> List[str]:
-    """Rewrite hyphenated spellings and unique prefixes of long options (before SCRIPT) to their names.
-
-    An ambiguous prefix is a UsageError naming the candidates; an unknown option is left for click.
-    """
-    takes_value: Dict[str, bool] = {}
-    owner: Dict[str, str] = {}
-    for param in command.get_params(click.Context(command)):
-        if isinstance(param, click.Option):
-            for name in param.opts + param.secondary_opts:
-                takes_value[name] = not (param.is_flag or param.count)
-                owner[name] = param.name
-    long_names = [n for n in takes_value if n.startswith("--")]
-    out: List[str] = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--" or not arg.startswith("-") or arg == "-":
-            return out + args[i:]  # SCRIPT (or `--` before it): the rest is the script's
-        if arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            name = "--" + name[2:].replace("-", "_")
-            if name not in takes_value:
-                matches = sorted({owner[n]: n for n in long_names if n.startswith(name)}.values())
-                if len(matches) > 1:
-                    raise UsageError(f"ambiguous option: could match {', '.join(matches)}",
-                                     where=arg.partition("=")[0], hint="spell the option out")
-                if not matches:
-                    return out + args[i:]  # unknown: click reports "No such option"
-                name = matches[0]
-            out.append(name + eq + value)
-            consumes = takes_value[name] and not eq
-        else:  # short options, possibly bundled: -qH file, -Hfile
-            out.append(arg)
-            consumes = False
-            for pos, char in enumerate(arg[1:], start=1):
-                if takes_value.get("-" + char):
-                    consumes = pos == len(arg) - 1
-                    break
-        if consumes and i + 1 < len(args):
-            out.append(args[i + 1])
-            i += 1
-        i += 1
-    return out
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -40,8 +40,10 @@ def exit_code_for(returncode: int) -> Tuple[int, Optional[str]]:
 
 
 def default_log_dir(job_id: str) -> str:
-    """Where the failure record goes when neither `--log_dir` nor `--enable_each_rank_log` is given."""
-    return os.path.join(tempfile.gettempdir(), f"dsrun-{job_id or os.getpid()}")
+    """Where the failure record goes when neither `--log_dir` nor `--enable_each_rank_log` is given:
+    `<tmp>/<job id>` (job ids already read `dsrun-<hex>`), else `<tmp>/dsrun-<pid>` without one."""
+    name = job_id.replace(os.sep, "_") if job_id else f"dsrun-{os.getpid()}"
+    return os.path.join(tempfile.gettempdir(), name if name.startswith("dsrun-") else f"dsrun-{name}")
 
 
 @dataclass

@@ -12,11 +12,16 @@ from .rank_errors import install_excepthook  # noqa: E402  (re-exported: the hoo
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add DeepSpeed's flags (group "DeepSpeed"): --deepspeed, --deepspeed_config and the deprecated
-    --deepscale, --deepscale_config. Returns the parser."""
+    """Add DeepSpeed's flags (group "DeepSpeed"): --deepspeed [PATH], --deepspeed_config and the deprecated
+    --deepscale, --deepscale_config. Returns the parser.
+
+    Bare `--deepspeed` is DeepSpeed's flag (args.deepspeed is True); `--deepspeed cfg.json` also names the
+    config (args.deepspeed is the path; initialize() reads it when --deepspeed_config is not given).
+    """
     group = parser.add_argument_group("DeepSpeed", "DeepSpeed configurations")
-    group.add_argument("--deepspeed", default=False, action="store_true",
-                       help="Enable DeepSpeed (accepted for compatibility; no effect)")
+    group.add_argument("--deepspeed", default=False, nargs="?", const=True, metavar="PATH",
+                       help="Enable DeepSpeed; a PATH after it is the DeepSpeed json config "
+                            "(same as --deepspeed_config PATH)")
     group.add_argument("--deepspeed_config", default=None, type=str, help="DeepSpeed json configuration file.")
     group.add_argument("--deepscale", default=False, action="store_true", help=argparse.SUPPRESS)
     group.add_argument("--deepscale_config", default=None, type=str, help=argparse.SUPPRESS)
@@ -29,6 +34,8 @@ def _config_source(args, config, config_params):
     from_args = None
     if args is not None:
         from_args = getattr(args, "deepspeed_config", None)
+        if from_args is None and isinstance(getattr(args, "deepspeed", None), str):
+            from_args = args.deepspeed  # `--deepspeed cfg.json` (add_config_arguments' nargs="?")
         deprecated = getattr(args, "deepscale_config", None)
         if from_args is None and deprecated is not None:
             from_args = deprecated

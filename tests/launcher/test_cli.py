@@ -23,6 +23,8 @@ def box(tmp_path, monkeypatch):
     work.mkdir()
     home.mkdir()
     monkeypatch.chdir(work)
+    for script in ("train.py", "t.py"):  # dsrun checks that the script exists before launching
+        (work / script).write_text("")
     env = {"CUDA_VISIBLE_DEVICES": "", "DLTS_HOSTFILE": str(tmp_path / "no-hostfile"), "HOME": str(home),
            "DS_ENV_FILE": None, "PYTHONPATH": None}
     return types.SimpleNamespace(work=work, home=home, env=env, tmp=tmp_path)

@@ -30,6 +30,7 @@ def box(tmp_path, monkeypatch):
     work.mkdir()
     home.mkdir()
     monkeypatch.chdir(work)
+    (work / "t.py").write_text("")  # dsrun checks that the script exists before launching
     env = {"CUDA_VISIBLE_DEVICES": "", "DLTS_HOSTFILE": str(tmp_path / "no-hostfile"), "HOME": str(home),
            "DS_ENV_FILE": None}
     return types.SimpleNamespace(work=work, home=home, env=env, tmp=tmp_path)

@@ -247,6 +247,7 @@ def test_kill_matches_the_job_id_only():
 
 def test_dry_run_masks_secret_looking_values(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.py").write_text("")  # a local dry run checks that the script exists
     (tmp_path / ".deepspeed_env").write_text("WANDB_API_KEY=k3y-value-1\nTOKENIZERS_PARALLELISM=false\n")
     (tmp_path / "hostfile").write_text("worker-0 slots=1\nworker-1 slots=1\n")
     env = {"HOME": str(tmp_path), "HF_TOKEN": "hf_abcdef", "CUDA_VISIBLE_DEVICES": "", "DS_ENV_FILE": None}

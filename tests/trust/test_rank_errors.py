@@ -13,8 +13,15 @@ engine, *_ = deepspeed.initialize(args=args, model=model, model_parameters=model
 
 
 def test_bad_config_is_printed_and_recorded(tmp_path):
+    # The launcher validates a config named in the script's arguments before starting any rank
+    # (launcher/preflight.py); this one is named only inside the script, so the ranks meet it.
     bad = dict(CONFIG, zero_optimization={"stage": 1, "offload_optimizer": {"devcie": "cpu"}})
-    proc = run_job(tmp_path, INIT, config=bad)
+    (tmp_path / "bad.json").write_text(json.dumps(bad, indent=1))
+    body = """
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                  config=os.path.join(os.getcwd(), "bad.json"))
+"""
+    proc = run_job(tmp_path, body)
     assert proc.returncode == 2, proc.stderr
     wanted = "zero_optimization.offload_optimizer.devcie: unknown key 'devcie' (did you mean 'device'?)"
     # Every rank prints its own line on the real stderr, and the panel repeats the root cause's.
