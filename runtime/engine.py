@@ -68,7 +68,7 @@ class Engine(EngineCompat, torch.nn.Module):
         self._grad_norm: Optional[float] = None
         self._boundary_override: Optional[bool] = None
         self._check_supported(config)
-        log_auto_resolved(config.auto_resolved)  # on rank 0: what every "auto" became
+        log_auto_resolved(config)  # on rank 0: what every "auto" became
         from .teardown import track_engine
         track_engine(self)  # destroyed at exit before the process groups ([Note: teardown at exit])
         from .compose import compose

@@ -102,7 +102,12 @@ def _once_rank0(level: int, message: str, args: tuple, logger: Optional[logging.
     (logger or get_logger()).log(level, message, *args, stacklevel=3)
 
 
-def log_auto_resolved(resolved: Mapping[str, str]) -> None:
-    """List the config's `"auto"` resolutions (`DsConfig.auto_resolved`) at info level, from rank 0."""
-    if resolved:
-        info_rank0('config "auto" values: %s', "; ".join(f"{path} = {how}" for path, how in resolved.items()))
+def log_auto_resolved(config) -> None:
+    """List what each `"auto"` of the config became (`DsConfig.auto_resolved`) at info level, from rank 0.
+    Values that batch.py inferred are read back from the config (the note only says how)."""
+    parts = []
+    for path, how in getattr(config, "auto_resolved", {}).items():
+        value = getattr(config, path, None) if "." not in path else None
+        parts.append(f"{path} = {value} ({how})" if value is not None and str(value) not in how else f"{path} = {how}")
+    if parts:
+        info_rank0('config "auto" values: %s', "; ".join(parts))

@@ -5,6 +5,8 @@ Modes:
   torch     a line with torch's excepthook prefix `[rankN]: ` on stderr
   wait      join a gloo group, write ready<RANK> under $DSRUN_TEST_OUT, then sleep (for Ctrl-C)
   warn      a warning from every rank through dsrun's logger, once and per rank
+  fail      print a line and exit 3
+  auto      dsrun.initialize with "auto" values and a deprecated config key (gloo, CPU)
 """
 import os
 import sys
@@ -40,3 +42,17 @@ elif mode == "warn":
     warn_once_rank0("shared warning from the config")
     get_logger().warning("per-rank warning")
     get_logger().info("per-rank info")
+elif mode == "fail":
+    print("about to fail", flush=True)
+    sys.exit(3)
+elif mode == "auto":
+    import torch
+
+    import dsrun
+
+    config = {"train_batch_size": 8, "train_micro_batch_size_per_gpu": "auto",
+              "optimizer": {"type": "Adam", "params": {"lr": "auto"}},
+              "zero_optimization": {"stage": 0, "cpu_offload": False}}
+    model = torch.nn.Linear(4, 4)
+    engine, *_ = dsrun.initialize(model=model, model_parameters=model.parameters(), config=config)
+    print(f"micro batch {engine.train_micro_batch_size_per_gpu()}", flush=True)
