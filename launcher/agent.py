@@ -23,7 +23,8 @@ gives 128+signo unless a rank had already failed; lifeline EOF gives 129 (as SIG
 [Note: per-rank log files] With `--enable_each_rank_log DIR`, as in DeepSpeed, each rank's stdout and
 stderr go only to `DIR/<YYYYmmddHHMMSS>_rank<N>.<job_id>.log` (no console copy: the flag exists to keep
 64 ranks off the terminal); the failure summary still shows the root cause's last lines, read back from
-its file. The job id in the name (DeepSpeed has none) keeps two jobs sharing DIR apart, and the failure
+its file. With `WorkerOptions.tee` the agent reads the ranks' pipes and writes each chunk to the rank's
+file as it comes (unbuffered, so the failure tail is complete) as well as to the console. The job id in the name (DeepSpeed has none) keeps two jobs sharing DIR apart, and the failure
 record goes to `DIR/<job_id>/failure.json` for the same reason (unless `--log_dir` is given).
 """
 from __future__ import annotations
@@ -169,6 +170,7 @@ class _Rank:
     pipes: Dict[int, tuple] = field(default_factory=dict)  # fd -> (RankStream, is_stderr, file object)
     tail: object = field(default_factory=new_tail)
     log_file: Optional[str] = None
+    log: Optional[object] = None  # the rank's log file, open while its pipes are read (tee)
     error_file: Optional[str] = None  # where the rank records an uncaught exception (runtime/rank_errors.py)
     returncode: Optional[int] = None
 
@@ -365,7 +367,9 @@ class NodeAgent:
         if self.worker.each_rank_log_dir:
             r.log_file = os.path.join(self.worker.each_rank_log_dir,
                                       f"{stamp}_rank{r.rank}.{self.spec.job_id.replace(os.sep, '_')}.log")
-            log = open(r.log_file, "a")
+            log = open(r.log_file, "ab", buffering=0)
+            if self.worker.tee:
+                r.log, log = log, None
         try:
             r.proc = subprocess.Popen(
                 argv, env=env, cwd=self.spec.cwd, stdin=stdin,
@@ -379,6 +383,9 @@ class NodeAgent:
         finally:
             if log:
                 log.close()
+            if r.log is not None and r.proc is None:
+                r.log.close()
+                r.log = None
         self._tree.guardian.add(r.pgid)
         r.pidfd = procs.pidfd_open(r.proc.pid)
         if r.pidfd is not None:
@@ -450,6 +457,8 @@ class NodeAgent:
             if not chunk:
                 self._close_pipe(sel, r, fd)
                 return
+            if r.log is not None:
+                r.log.write(chunk)
             stream.feed(chunk)
 
     def _flush_timeout(self, timeout: Optional[float]) -> Optional[float]:
@@ -586,6 +595,9 @@ class NodeAgent:
         stream.finish()
         sel.unregister(fd)
         fileobj.close()
+        if not r.pipes and r.log is not None:
+            r.log.close()
+            r.log = None
 
     # ---------------------------------------------------------------- report
     def _record_dir(self) -> str:

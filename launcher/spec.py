@@ -98,6 +98,7 @@ class WorkerOptions:
     log_dir: Optional[str] = None  # failure record and agent logs; None = a per-job temp folder
     grace_period: float = 5.0  # seconds between SIGTERM to every rank and SIGKILL of survivors
     output_ranks: Optional[Tuple[int, ...]] = None  # global ranks whose output reaches the console; None = all
+    tee: bool = False  # with each_rank_log_dir: the console gets the ranks' output too
 
 
 @dataclass(frozen=True)

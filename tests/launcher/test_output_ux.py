@@ -184,3 +184,18 @@ def test_piped_bar_keeps_only_the_last_state_of_each_line():
     stream.flush(time.monotonic() + 1)  # a bar is never shown half-way when piped
     stream.feed(b"\r100%\ndone\n")
     assert err.getvalue() == "[rank 0] 100%\n[rank 0] done\n"
+
+
+def test_tee_writes_each_rank_log_and_the_console(tmp_path):
+    logs = tmp_path / "ranks"
+    worker = WorkerOptions(script=UX, script_args=("fail",), python=sys.executable, each_rank_log_dir=str(logs),
+                           tee=True, log_dir=str(tmp_path / "logs"), grace_period=2.0)
+    spec = AgentSpec(job_id="tee", world_info={"localhost": [0]}, node_rank=0, master_addr="127.0.0.1",
+                     master_port=29500, env={}, worker=worker, cwd=str(tmp_path), devices=())
+    out, err = io.StringIO(), io.StringIO()
+    agent = NodeAgent(spec, out=out, err=err)
+    assert agent.run() == 3
+    assert out.getvalue() == "[rank 0] about to fail\n"
+    (name,) = os.listdir(logs)
+    assert (logs / name).read_text() == "about to fail\n"
+    assert agent.report.failures[0].tail == ["about to fail"]
