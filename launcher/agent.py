@@ -24,8 +24,9 @@ gives 128+signo unless a rank had already failed; lifeline EOF gives 129 (as SIG
 stderr go only to `DIR/<YYYYmmddHHMMSS>_rank<N>.<job_id>.log` (no console copy: the flag exists to keep
 64 ranks off the terminal); the failure summary still shows the root cause's last lines, read back from
 its file. With `WorkerOptions.tee` the agent reads the ranks' pipes and writes each chunk to the rank's
-file as it comes (unbuffered, so the failure tail is complete) as well as to the console. The job id in the name (DeepSpeed has none) keeps two jobs sharing DIR apart, and the failure
-record goes to `DIR/<job_id>/failure.json` for the same reason (unless `--log_dir` is given).
+file as it comes (unbuffered, so the failure tail is complete) as well as to the console. The job id in
+the name (DeepSpeed has none) keeps two jobs sharing DIR apart, and the failure record goes to
+`DIR/<job_id>/failure.json` for the same reason (unless `--log_dir` is given).
 """
 from __future__ import annotations
 

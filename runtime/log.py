@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Mapping, Optional
+from typing import Optional
 
 __all__ = ["LEVEL_ENV", "get_logger", "current_rank", "rank0_warns", "warn_once_rank0", "info_rank0",
            "log_auto_resolved"]
