@@ -1,13 +1,26 @@
-"""`dsrun-report`: versions, and the state of each compiled op (DeepSpeed's `ds_report`).
+"""`dsrun-report`: a copy-paste block for a bug report (DeepSpeed's `ds_report`).
 
+dsrun's version and install path, Python, torch with its CUDA and NCCL, the compilers, the state of each
+compiled op and the multi-node launchers found on PATH. `--json` prints the same as JSON with
+snake_case keys (`{section: {key: value}}`; a section whose probe failed is an "error: ..." string).
 Never raises for a missing CUDA, compiler or Triton: each probe reports its own error instead.
 """
-import argparse
+import json
 import os
 import platform
+import shutil
+import subprocess
 import sys
 
-__all__ = ["collect", "main"]
+import click
+
+__all__ = ["collect", "format_report", "main"]
+
+LAUNCHERS = ("pdsh", "mpirun", "srun", "ssh")
+# Text labels where the snake_case key does not read well; other keys print with spaces for underscores.
+_LABELS = {"cuda": "CUDA", "nccl": "NCCL", "gpus": "GPUs", "cuda_arch": "CUDA arch", "simd_level": "SIMD level",
+           "openmp_threads": "OpenMP threads", "jit_cache": "JIT cache", "cxx": "C++ compiler",
+           "op_cpu_adam": "op cpu_adam / cpu_adagrad (C++ SIMD + OpenMP)", "op_fused_adam": "op fused_adam (GPU)"}
 
 
 def _probe(fn):
@@ -17,21 +30,58 @@ def _probe(fn):
         return f"error: {type(e).__name__}: {e}"
 
 
+def _dsrun_info():
+    import dsrun
+    return {"version": dsrun.__version__, "install_path": os.path.dirname(os.path.abspath(dsrun.__file__)),
+            "python": sys.version.split()[0], "python_executable": sys.executable,
+            "platform": platform.platform(), "machine": platform.machine()}
+
+
 def _torch_info():
     import torch
-    info = {"torch": torch.__version__, "torch CUDA": torch.version.cuda or "none (CPU build)"}
+    info = {"version": torch.__version__, "install_path": os.path.dirname(torch.__file__),
+            "cuda": torch.version.cuda or "none (CPU build)", "nccl": _nccl_version(torch)}
     if torch.cuda.is_available():
         names, archs = [], []
         for i in range(torch.cuda.device_count()):
             major, minor = torch.cuda.get_device_capability(i)
             names.append(torch.cuda.get_device_name(i))
             archs.append(f"sm_{major}{minor}")
-        info["GPUs"] = ", ".join(names)
-        info["CUDA arch"] = ", ".join(sorted(set(archs)))
+        info["gpus"] = ", ".join(names)
+        info["cuda_arch"] = ", ".join(sorted(set(archs)))
     else:
-        info["GPUs"] = "none visible"
-        info["CUDA arch"] = "n/a"
+        info["gpus"] = "none visible"
+        info["cuda_arch"] = "n/a"
     return info
+
+
+def _nccl_version(torch):
+    if not torch.version.cuda:
+        return "none (CPU build)"
+    version = torch.cuda.nccl.version()
+    return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+
+
+def _compilers_info():
+    from . import build_ext
+    cxx = build_ext.find_compiler()
+    nvcc = shutil.which("nvcc")
+    return {"cxx": f"{cxx} ({build_ext.compiler_version(cxx)})" if cxx else "none found",
+            "nvcc": f"{nvcc} ({_nvcc_version(nvcc)})" if nvcc else "none found",
+            "cuda_home": os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "not set"}
+
+
+def _nvcc_version(nvcc):
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"error: {e}"
+    lines = [line for line in out.splitlines() if "release" in line]
+    return lines[-1].strip() if lines else "unknown version"
+
+
+def _launchers_info():
+    return {name: shutil.which(name) or "not found" for name in LAUNCHERS}
 
 
 def _cpu_ops_info():
@@ -43,11 +93,11 @@ def _cpu_ops_info():
         "state": res.state.value,
         "loadable": "yes" if res.lib is not None else "no",
         "library": res.path or "-",
-        "prebuilt present": "yes" if os.path.exists(prebuilt) else "no",
-        "SIMD level": cpu_ops.simd_level_name() or "n/a (reference)",
-        "OpenMP threads": str(res.lib.dsrun_max_threads()) if res.lib is not None else "n/a",
-        "C++ compiler": f"{cxx} ({build_ext.compiler_version(cxx)})" if cxx else "none found",
-        "JIT cache": loader.cache_dir(),
+        "prebuilt_present": "yes" if os.path.exists(prebuilt) else "no",
+        "simd_level": cpu_ops.simd_level_name() or "n/a (reference)",
+        "openmp_threads": str(res.lib.dsrun_max_threads()) if res.lib is not None else "n/a",
+        "cxx": f"{cxx} ({build_ext.compiler_version(cxx)})" if cxx else "none found",
+        "jit_cache": loader.cache_dir(),
     }
     if res.lib is None:
         rows["why"] = res.detail
@@ -61,7 +111,7 @@ def _fused_adam_info():
     rows = {"triton": "yes" if ok else f"no ({fused_adam._triton_error})"}
     if ok:
         import triton
-        rows["triton version"] = triton.__version__
+        rows["triton_version"] = triton.__version__
     if ok and torch.cuda.is_available():
         rows["state"] = "loadable (Triton JIT, cached by Triton)"
     elif torch.cuda.is_available():
@@ -72,41 +122,56 @@ def _fused_adam_info():
 
 
 def collect():
-    """The report as {section: {key: value}}; each section is a string if its probe failed."""
+    """The report as {section: {key: value}}, snake_case keys; a section is a string if its probe failed."""
     return {
-        "environment": {"python": sys.version.split()[0], "platform": platform.platform(),
-                        "machine": platform.machine()},
+        "dsrun": _probe(_dsrun_info),
         "torch": _probe(_torch_info),
-        "op cpu_adam / cpu_adagrad (C++ SIMD + OpenMP)": _probe(_cpu_ops_info),
-        "op fused_adam (GPU)": _probe(_fused_adam_info),
+        "compilers": _probe(_compilers_info),
+        "op_cpu_adam": _probe(_cpu_ops_info),
+        "op_fused_adam": _probe(_fused_adam_info),
+        "launchers": _probe(_launchers_info),
     }
 
 
+def _label(key):
+    return _LABELS.get(key, key.replace("_", " "))
+
+
 def format_report(report):
+    """The text block: one section title per line, then `key : value` rows."""
     lines = []
     for section, rows in report.items():
-        lines.append(f"{section}")
+        lines.append(_label(section))
         if isinstance(rows, str):
             lines.append(f"  {rows}")
             continue
-        width = max(len(k) for k in rows) if rows else 0
+        width = max(len(_label(k)) for k in rows) if rows else 0
         for k, v in rows.items():
-            lines.append(f"  {k.ljust(width)} : {v}")
+            lines.append(f"  {_label(k).ljust(width)} : {v}")
     return "\n".join(lines)
 
 
-def main(argv=None):
-    """Console entry point of `dsrun-report`."""
-    parser = argparse.ArgumentParser(prog="dsrun-report", description="dsrun kernel and environment report")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = parser.parse_args(argv)
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (snake_case keys) instead of the text block.")
+def _command(as_json):
+    """dsrun's environment and kernel report, to paste into a bug report."""
     report = collect()
-    if args.json:
-        import json
-        print(json.dumps(report, indent=2))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
     else:
-        print(format_report(report))
+        click.echo("```text\n" + format_report(report) + "\n```")
     return 0
+
+
+def main(argv=None):
+    """Console entry point of `dsrun-report`; returns the exit code (2 for a bad option)."""
+    try:
+        return _command.main(args=argv, prog_name="dsrun-report", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
 
 
 if __name__ == "__main__":

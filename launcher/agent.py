@@ -23,8 +23,10 @@ gives 128+signo unless a rank had already failed; lifeline EOF gives 129 (as SIG
 [Note: per-rank log files] With `--enable_each_rank_log DIR`, as in DeepSpeed, each rank's stdout and
 stderr go only to `DIR/<YYYYmmddHHMMSS>_rank<N>.<job_id>.log` (no console copy: the flag exists to keep
 64 ranks off the terminal); the failure summary still shows the root cause's last lines, read back from
-its file. The job id in the name (DeepSpeed has none) keeps two jobs sharing DIR apart, and the failure
-record goes to `DIR/<job_id>/failure.json` for the same reason (unless `--log_dir` is given).
+its file. With `WorkerOptions.tee` the agent reads the ranks' pipes and writes each chunk to the rank's
+file as it comes (unbuffered, so the failure tail is complete) as well as to the console. The job id in
+the name (DeepSpeed has none) keeps two jobs sharing DIR apart, and the failure record goes to
+`DIR/<job_id>/failure.json` for the same reason (unless `--log_dir` is given).
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ from dsrun.launcher.output import ConsoleWriter, RankStream, new_tail, print_fai
 from dsrun.launcher.spec import AgentSpec, WorkerOptions
 
 ERROR_FILE_ENV = "DSRUN_ERROR_FILE"  # read by runtime/rank_errors.py (which must not import the launcher)
+LOG_LEVEL_ENV = "DSRUN_LOG_LEVEL"  # read by runtime/log.py: the launcher's --log_level/-q for the ranks' logger
 
 __all__ = ["NodeAgent", "worker_env", "worker_argv", "pid_file_path", "main"]
 
@@ -99,6 +102,7 @@ def worker_env(spec: AgentSpec, local_rank: int, *, restart_count: int = 0, base
         "DSRUN_RESTART_COUNT": str(restart_count), "TORCHELASTIC_RESTART_COUNT": str(restart_count),
         "TORCHELASTIC_MAX_RESTARTS": str(spec.worker.max_restarts),
         "PYTHONUNBUFFERED": "1",
+        LOG_LEVEL_ENV: str(spec.worker.log_level).lower(),
     })
     devices = getattr(spec, "devices", None)
     if devices:  # the planner mapped this node's slots onto physical ids (keeps a scheduler's mask)
@@ -167,6 +171,7 @@ class _Rank:
     pipes: Dict[int, tuple] = field(default_factory=dict)  # fd -> (RankStream, is_stderr, file object)
     tail: object = field(default_factory=new_tail)
     log_file: Optional[str] = None
+    log: Optional[object] = None  # the rank's log file, open while its pipes are read (tee)
     error_file: Optional[str] = None  # where the rank records an uncaught exception (runtime/rank_errors.py)
     returncode: Optional[int] = None
 
@@ -187,7 +192,8 @@ class NodeAgent:
         self._lifeline_fd = lifeline_fd
         self._emit_marker = emit_marker
         self._environ = dict(os.environ if environ is None else environ)
-        self.console = ConsoleWriter(multi_node=len(spec.world_info) > 1, host=self.host, out=out, err=err)
+        self.console = ConsoleWriter(multi_node=len(spec.world_info) > 1, host=self.host, out=out, err=err,
+                                     ranks=self.worker.output_ranks)
         self._level = _LEVELS.get(str(self.worker.log_level).lower(), 20)
         self._signals: List[int] = []
         self._wake_r = self._wake_w = None
@@ -362,7 +368,9 @@ class NodeAgent:
         if self.worker.each_rank_log_dir:
             r.log_file = os.path.join(self.worker.each_rank_log_dir,
                                       f"{stamp}_rank{r.rank}.{self.spec.job_id.replace(os.sep, '_')}.log")
-            log = open(r.log_file, "a")
+            log = open(r.log_file, "ab", buffering=0)
+            if self.worker.tee:
+                r.log, log = log, None
         try:
             r.proc = subprocess.Popen(
                 argv, env=env, cwd=self.spec.cwd, stdin=stdin,
@@ -376,6 +384,9 @@ class NodeAgent:
         finally:
             if log:
                 log.close()
+            if r.log is not None and r.proc is None:
+                r.log.close()
+                r.log = None
         self._tree.guardian.add(r.pgid)
         r.pidfd = procs.pidfd_open(r.proc.pid)
         if r.pidfd is not None:
@@ -384,7 +395,7 @@ class NodeAgent:
             if stream is not None:
                 fd = stream.fileno()
                 os.set_blocking(fd, False)
-                r.pipes[fd] = (RankStream(r.tail), is_err, stream)
+                r.pipes[fd] = (RankStream(r.tail, self.console, rank=r.rank, stderr=is_err), is_err, stream)
                 sel.register(fd, selectors.EVENT_READ, ("out", r, fd))
 
     # ---------------------------------------------------------------- supervision
@@ -403,8 +414,9 @@ class NodeAgent:
             if scanning and time.monotonic() >= next_scan:
                 self._tree.watch(self._rank_pids(), [r.proc.pid for r in self._live()])
                 next_scan = time.monotonic() + _SCAN_S
-            for key, _ in sel.select(timeout):
+            for key, _ in sel.select(self._flush_timeout(timeout)):
                 self._dispatch(sel, key.data, during_teardown=False)
+            self._flush_partials()
             if polling:
                 self._poll_exits(during_teardown=False)
             if self.report.failures or self._signals or self._lifeline_eof:
@@ -437,7 +449,7 @@ class NodeAgent:
                 sel.unregister(self._lifeline_fd)
 
     def _read(self, sel, r: _Rank, fd: int) -> None:
-        stream, is_err, _ = r.pipes[fd]
+        stream = r.pipes[fd][0]
         while True:
             try:
                 chunk = os.read(fd, 65536)
@@ -446,7 +458,24 @@ class NodeAgent:
             if not chunk:
                 self._close_pipe(sel, r, fd)
                 return
-            self.console.write(r.rank, stream.feed(chunk), stderr=is_err)
+            if r.log is not None:
+                r.log.write(chunk)
+            stream.feed(chunk)
+
+    def _flush_timeout(self, timeout: Optional[float]) -> Optional[float]:
+        """`timeout`, shortened to wake up when a partial line is due on the console."""
+        dues = [s.flush_due() for r in self.ranks for s, _, _ in r.pipes.values()]
+        dues = [d for d in dues if d is not None]
+        if not dues:
+            return timeout
+        wait = max(0.0, min(dues) - time.monotonic())
+        return wait if timeout is None else min(timeout, wait)
+
+    def _flush_partials(self) -> None:
+        now = time.monotonic()
+        for r in self.ranks:
+            for stream, _, _ in r.pipes.values():
+                stream.flush(now)
 
     def _drain(self, sel, r: _Rank) -> None:
         for fd in list(r.pipes):
@@ -504,6 +533,8 @@ class NodeAgent:
     def _stop_tree(self, sel, sig: Optional[int], groups: List[int], strays: procs.Strays) -> None:
         live = self._live()
         sig = signal.SIGTERM if sig is None else sig
+        if sig == signal.SIGINT:  # each rank's KeyboardInterrupt traceback becomes one line (launcher/output.py)
+            self.console.interrupted = True
         for pgid in groups:
             procs.signal_group(pgid, sig)
         outside = self._tree.signal_outside(groups, strays, sig)
@@ -520,6 +551,7 @@ class NodeAgent:
                 break
             for key, _ in sel.select(min(_POLL_S, max(0.0, deadline - time.monotonic()))):
                 self._dispatch(sel, key.data, during_teardown=True)
+            self._flush_partials()
             self._poll_exits(during_teardown=True)
         killed = set()
         for r in self.ranks:
@@ -560,10 +592,13 @@ class NodeAgent:
     def _close_pipe(self, sel, r: _Rank, fd: int) -> None:
         # Closed through its file object only: closing the bare fd would leave the object holding a
         # number that the next open() may reuse.
-        stream, is_err, fileobj = r.pipes.pop(fd)
-        self.console.write(r.rank, stream.finish(), stderr=is_err)
+        stream, _, fileobj = r.pipes.pop(fd)
+        stream.finish()
         sel.unregister(fd)
         fileobj.close()
+        if not r.pipes and r.log is not None:
+            r.log.close()
+            r.log = None
 
     # ---------------------------------------------------------------- report
     def _record_dir(self) -> str:

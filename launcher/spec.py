@@ -97,6 +97,8 @@ class WorkerOptions:
     log_level: str = "info"
     log_dir: Optional[str] = None  # failure record and agent logs; None = a per-job temp folder
     grace_period: float = 5.0  # seconds between SIGTERM to every rank and SIGKILL of survivors
+    output_ranks: Optional[Tuple[int, ...]] = None  # global ranks whose output reaches the console; None = all
+    tee: bool = False  # with each_rank_log_dir: the console gets the ranks' output too
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class AgentSpec:
         worker = raw.pop("worker")
         if raw.get("devices") is not None:
             raw["devices"] = tuple(raw["devices"])
-        for key in ("script_args", "bind_core_list"):
+        for key in ("script_args", "bind_core_list", "output_ranks"):
             if worker.get(key) is not None:
                 worker[key] = tuple(worker[key])
         return cls(worker=WorkerOptions(**worker), **raw)

@@ -29,7 +29,6 @@ the outcome before the next backward, so fp16 keeps the host check.
 from __future__ import annotations
 
 import copy
-import logging
 from typing import Optional
 
 import torch
@@ -39,11 +38,12 @@ from dsrun.errors import ConfigError
 
 from .config.policies import torch_dtype
 from .engine_compat import EngineCompat, compat_getattr, optimizer_view
+from .log import get_logger, log_auto_resolved
 from .shard_state import MASTER_KEY, ParamShard, ReadFn
 
 __all__ = ["Engine", "DeepSpeedEngine"]
 
-log = logging.getLogger("dsrun")
+log = get_logger()
 
 
 class Engine(EngineCompat, torch.nn.Module):
@@ -68,6 +68,7 @@ class Engine(EngineCompat, torch.nn.Module):
         self._grad_norm: Optional[float] = None
         self._boundary_override: Optional[bool] = None
         self._check_supported(config)
+        log_auto_resolved(config)  # on rank 0: what every "auto" became
         from .teardown import track_engine
         track_engine(self)  # destroyed at exit before the process groups ([Note: teardown at exit])
         from .compose import compose
@@ -163,7 +164,7 @@ class Engine(EngineCompat, torch.nn.Module):
             self._skipped_steps += 1
             if self.global_rank == 0:
                 norm = grad_norm.item() if torch.is_tensor(grad_norm) else grad_norm
-                log.warning("[dsrun] step %d: %s (grad norm %s)", step, message, norm)
+                log.warning("step %d: %s (grad norm %s)", step, message, norm)
 
     def _snapshot(self):
         """What a step booked as applied changes besides step counts: the scheduler's state and the param
@@ -382,7 +383,7 @@ class Engine(EngineCompat, torch.nn.Module):
         otherwise it logs a warning, writes nothing and returns False). Collective."""
         if self.config.sharding.parameters and not self.config.zero.gather_16bit_weights_on_model_save:
             if self.global_rank == 0:
-                log.warning("[dsrun] save_16bit_model: nothing saved, because parameters are sharded and "
+                log.warning("save_16bit_model: nothing saved, because parameters are sharded and "
                             "zero_optimization.stage3_gather_16bit_weights_on_model_save is false; set it to true, "
                             "or save a checkpoint and convert it with dsrun-to-fp32")
             return False

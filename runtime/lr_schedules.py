@@ -28,8 +28,9 @@ import numbers
 import torch
 
 from dsrun.errors import ConfigError
+from dsrun.runtime.log import warn_once_rank0
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)  # a child of dsrun's logger (runtime/log.py)
 
 __all__ = ["WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest", "build_scheduler",
            "VALID_LR_SCHEDULES", "get_torch_optimizer"]
@@ -116,7 +117,7 @@ def _check_positive_int(name, value):
 
 def _check_warmup_type(warmup_type):
     if warmup_type not in (WARMUP_LOG_RATE, WARMUP_LINEAR_RATE):
-        logger.warning("unknown warmup_type %r; using 'log' (choices: 'log', 'linear')", warmup_type)
+        warn_once_rank0("unknown warmup_type %r; using 'log' (choices: 'log', 'linear')", warmup_type, logger=logger)
         return WARMUP_LOG_RATE
     return warmup_type
 
@@ -221,8 +222,8 @@ class OneCycle(_Schedule):
         self.skip_mom_decay = self.no_decay or math.isclose(decay_mom_rate, 0)
         self.cycle_momentum = bool(cycle_momentum) and self._momentum_key() is not None
         if cycle_momentum and not self.cycle_momentum:
-            logger.warning("cycle_momentum is disabled: %s has neither 'betas' nor 'momentum' in its defaults",
-                           type(self.optimizer).__name__)
+            warn_once_rank0("cycle_momentum is disabled: %s has neither 'betas' nor 'momentum' in its defaults",
+                           type(self.optimizer).__name__, logger=logger)
         if last_batch_iteration == -1:
             # As DeepSpeed: start at the cycle's lower bounds (lr at min_lr, momentum at min_mom).
             for group, lr in zip(self.optimizer.param_groups, self.min_lrs):
@@ -362,7 +363,8 @@ class WarmupDecayLR(WarmupLR):
         super().__init__(optimizer, warmup_min_lr, warmup_max_lr, warmup_num_steps, warmup_type,
                          last_batch_iteration)
         if self.total_num_steps < self.warmup_num_steps:
-            logger.warning("total_num_steps %s is less than warmup_num_steps %s", total_num_steps, warmup_num_steps)
+            warn_once_rank0("total_num_steps %s is less than warmup_num_steps %s", total_num_steps, warmup_num_steps,
+                            logger=logger)
 
     def _get_gamma(self):
         if self.last_batch_iteration < self.warmup_num_steps:
@@ -387,7 +389,8 @@ class WarmupCosineLR(_Schedule):
         self.warmup_num_steps = max(2, warmup_num_steps)
         self.inverse_log_warm_up = 1.0 / math.log(self.warmup_num_steps)
         if self.total_num_steps < self.warmup_num_steps:
-            logger.warning("total_num_steps %s is less than warmup_num_steps %s", total_num_steps, warmup_num_steps)
+            warn_once_rank0("total_num_steps %s is less than warmup_num_steps %s", total_num_steps, warmup_num_steps,
+                            logger=logger)
         self.org_lrs = [_as_float(group["lr"]) for group in self.optimizer.param_groups]
         if last_batch_iteration == -1:
             self._apply()

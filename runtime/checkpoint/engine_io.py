@@ -21,6 +21,7 @@ from dsrun.runtime.checkpoint.atomic import fsync_dir, publish_dir, torch_save_s
 from dsrun.runtime.checkpoint.comm import Comm
 from dsrun.runtime.checkpoint.errors import CheckpointArgumentError, CheckpointError
 from dsrun.runtime.checkpoint.shard_io import ShardReader, check_coverage, plan_ownership, shard_payload
+from dsrun.runtime.log import warn_once_rank0
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +333,7 @@ def _open_checkpoint(engine, load_dir, tag):
     if tag is None:
         tag = layout.read_latest(load_dir)
         if tag is None:
-            logger.warning("no 'latest' file in %s and no tag given: nothing loaded", load_dir)
+            warn_once_rank0("no 'latest' file in %s and no tag given: nothing loaded", load_dir, logger=logger)
             return None
     else:
         tag = layout.validate_tag(tag, where="load_checkpoint(tag)")

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from dsrun.runtime.checkpoint.errors import CheckpointError
+from dsrun.runtime.log import warn_once_rank0
 
 __all__ = ["ALGORITHM", "HashingWriter", "file_record", "verify_file", "load_torch_file"]
 
@@ -168,8 +169,8 @@ def verify_file(tag_dir: str, name: str, manifest: dict) -> str:
                               hint="the checkpoint is damaged; load another tag")
     algorithm = checksums[0]
     if not _known(algorithm):
-        logger.warning("checksum algorithm %r is unknown to this Python: %s checked by size only", algorithm,
-                       path)
+        warn_once_rank0("checksum algorithm %r is unknown to this Python: %s checked by size only", algorithm,
+                        path, logger=logger)
         return path
     try:
         actual = _hash_file(path, algorithm)

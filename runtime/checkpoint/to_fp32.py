@@ -7,11 +7,11 @@ DeepSpeed's `deepspeed.utils.zero_to_fp32`: `get_fp32_state_dict_from_zero_check
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections import OrderedDict
 
+import click
 import torch
 
 from dsrun.runtime.checkpoint import integrity, layout
@@ -105,22 +105,34 @@ def load_state_dict_from_zero_checkpoint(model, checkpoint_dir, tag=None):
     return model
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="dsrun-to-fp32",
-                                     description="Convert a dsrun checkpoint into a PyTorch fp32 state dict file.")
-    parser.add_argument("checkpoint_dir", help="folder holding 'latest' (or a tag folder)")
-    parser.add_argument("output_file", help="output file (or an existing folder: pytorch_model.bin inside it)")
-    parser.add_argument("-t", "--tag", default=None, help="checkpoint tag (default: the one in 'latest')")
-    parser.add_argument("--exclude_frozen_parameters", action="store_true", help="leave frozen parameters out")
-    args = parser.parse_args(argv)
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint_dir")
+@click.argument("output_file")
+@click.option("-t", "--tag", default=None, help="Checkpoint tag (default: the one in 'latest').")
+@click.option("--exclude_frozen_parameters", is_flag=True, help="Leave frozen parameters out.")
+def _command(checkpoint_dir, output_file, tag, exclude_frozen_parameters):
+    """Convert a dsrun checkpoint into a PyTorch fp32 state dict file.
+
+    CHECKPOINT_DIR holds 'latest' (or is a tag folder); OUTPUT_FILE is the file to write (or an existing
+    folder: pytorch_model.bin inside it)."""
     try:
-        path = convert_zero_checkpoint_to_fp32_state_dict(args.checkpoint_dir, args.output_file, args.tag,
-                                                          args.exclude_frozen_parameters)
+        path = convert_zero_checkpoint_to_fp32_state_dict(checkpoint_dir, output_file, tag, exclude_frozen_parameters)
     except CheckpointError as err:
-        print(f"dsrun-to-fp32: {err}", file=sys.stderr)
+        click.echo(f"dsrun-to-fp32: {err}", err=True)
         return err.exit_code
-    print(f"wrote {path}")
+    click.echo(f"wrote {path}")
     return 0
+
+
+def main(argv=None):
+    """Console entry point of `dsrun-to-fp32`; returns the exit code (2 for bad arguments, as argparse did)."""
+    try:
+        return _command.main(args=argv, prog_name="dsrun-to-fp32", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
 
 
 if __name__ == "__main__":

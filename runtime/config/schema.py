@@ -42,6 +42,8 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 from dsrun.errors import ConfigError
 
+from ..log import rank0_warns
+
 __all__ = ["ConfigDeprecationWarning", "ConfigIgnoredKeyWarning", "Section", "opt", "parse_section", "ParseContext",
            "did_you_mean", "join", "unknown_key_error", "convert", "warn_ignored"]
 
@@ -61,7 +63,9 @@ _ONCE: Dict[Any, Any] = {}  # warning registry: each message once per process (r
 
 def warn_ignored(path: str, reason: str) -> None:
     """One line naming the key path and why dsrun ignores it ([Note: inert keys]). Issued with an explicit
-    location so that no source line of dsrun is printed under it."""
+    location so that no source line of dsrun is printed under it. Rank 0 only (every rank loads the config)."""
+    if not rank0_warns():
+        return
     warnings.warn_explicit(f"{path}: accepted for DeepSpeed compatibility but ignored by dsrun ({reason})",
                            ConfigIgnoredKeyWarning, "dsrun config", 0, module="dsrun.runtime.config", registry=_ONCE)
 

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 
 from dsrun.errors import ConfigError
 
+from ..log import rank0_warns
 from .schema import ConfigDeprecationWarning, ParseContext, Section, join, opt, warn_ignored
 
 __all__ = ["ZeroConfig", "OffloadOptimizerConfig", "OffloadParamConfig"]
@@ -181,11 +182,12 @@ class ZeroConfig(Section):
             if new in data and data[new] is not None:
                 raise ConfigError(f"'{old}' (deprecated) and '{new}' are both set; keep only '{new}'",
                                   where=join(where, old))
-            warnings.warn(f"{join(where, old)} is deprecated; use {new}: {{device: cpu}}", ConfigDeprecationWarning,
-                          stacklevel=2)
+            if rank0_warns():  # every rank loads the config; one copy of the warning is enough
+                warnings.warn(f"{join(where, old)} is deprecated; use {new}: {{device: cpu}}",
+                              ConfigDeprecationWarning, stacklevel=2)
             if value:
                 data[new] = {"device": "cpu"} if pin is None else {"device": "cpu", "pin_memory": pin}
-        if pin is not None:
+        if pin is not None and rank0_warns():
             warnings.warn(f"{join(where, 'cpu_offload_use_pin_memory')} is deprecated; use "
                           "offload_*.pin_memory", ConfigDeprecationWarning, stacklevel=2)
         old = "stage3_gather_fp16_weights_on_model_save"
@@ -193,8 +195,9 @@ class ZeroConfig(Section):
             if "gather_16bit_weights_on_model_save" in data or "stage3_gather_16bit_weights_on_model_save" in data:
                 raise ConfigError(f"'{old}' (deprecated) and its replacement are both set; keep only "
                                   "'stage3_gather_16bit_weights_on_model_save'", where=join(where, old))
-            warnings.warn(f"{join(where, old)} is deprecated; use stage3_gather_16bit_weights_on_model_save",
-                          ConfigDeprecationWarning, stacklevel=2)
+            if rank0_warns():
+                warnings.warn(f"{join(where, old)} is deprecated; use stage3_gather_16bit_weights_on_model_save",
+                              ConfigDeprecationWarning, stacklevel=2)
             data["gather_16bit_weights_on_model_save"] = data.pop(old)
         return data
 
