@@ -266,6 +266,10 @@ launching, dsrun checks that SCRIPT exists and validates the DeepSpeed config na
 @click.option("--force_multi", is_flag=True, help="Use the multi-node launcher even for one host.")
 @click.option("--save_pid", is_flag=True, help="Write the agent's pid to /tmp/<dsrun pid>.deepspeed.")
 @click.option("--enable_each_rank_log", metavar="DIR", default=None, help="Write each rank's output to DIR.")
+@click.option("--tee", is_flag=True, help="With --enable_each_rank_log: also show the ranks' output on the console.")
+@click.option("--output_ranks", "--local_ranks_filter", "output_ranks", default=None, metavar="RANKS",
+              help="Show only these ranks' output on the console, e.g. 0 or 0,3 or 0-3 (every rank still reaches "
+                   "the failure summary).")
 @click.option("--bind_cores_to_rank", is_flag=True, help="Bind each rank to its share of cores with numactl.")
 @click.option("--bind_core_list", type=CORE_LIST, metavar="CORES", default=None,
               help="Cores to share out, e.g. 0,2-4,6 (with --bind_cores_to_rank).")
@@ -352,7 +356,7 @@ def build_spec(params: Dict, *, environ: Dict[str, str], cwd: str, python: str,
         dry_run=params["dry_run"], max_restarts=params["max_restarts"], log_dir=params["log_dir"],
         grace_period=params["grace_period"], ssh_accept_unknown_hosts=params["ssh_accept_unknown_hosts"],
         ssh_connect_timeout=params["ssh_connect_timeout"], ssh_max_parallel=params["ssh_max_parallel"],
-        environ=environ, cwd=cwd, python=python, job_id=f"dsrun-{secrets.token_hex(4)}", resource_pool=pool,
+        output_ranks=params["output_ranks"], tee=params["tee"], environ=environ, cwd=cwd, python=python, job_id=f"dsrun-{secrets.token_hex(4)}", resource_pool=pool,
         local_gpus=local_gpus, env_file_vars=file_vars,
         free_port=ports.find_free_port() if params["master_port"] is None else None, local_cores=local_cores)
 

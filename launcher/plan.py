@@ -50,7 +50,8 @@ def worker_options(spec: LaunchSpec) -> WorkerOptions:
         no_python=spec.no_python, no_local_rank=spec.no_local_rank, bind_cores_to_rank=spec.bind_cores_to_rank,
         bind_core_list=core_list, each_rank_log_dir=each_rank_log, save_pid=spec.save_pid,
         max_restarts=spec.max_restarts, log_level="error" if spec.quiet else spec.log_level, log_dir=spec.log_dir,
-        grace_period=spec.grace_period)
+        grace_period=spec.grace_period, tee=spec.tee,
+        output_ranks=tuple(parse_range_list(spec.output_ranks, flag="--output_ranks")) if spec.output_ranks else None)
 
 
 def _world_info(spec: LaunchSpec) -> Dict[str, List[int]]:

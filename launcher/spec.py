@@ -67,6 +67,8 @@ class LaunchSpec:
     ssh_accept_unknown_hosts: bool = False  # add unknown host keys instead of refusing
     ssh_connect_timeout: float = 10.0
     ssh_max_parallel: int = 64
+    output_ranks: Optional[str] = None  # "0,3": only these ranks' output on the console (--local_ranks_filter)
+    tee: bool = False  # with --enable_each_rank_log, the console gets the ranks' output too
     # captured from the machine by the CLI (kept out of planning's reach)
     environ: Dict[str, str] = field(default_factory=dict)
     cwd: str = "."

@@ -51,7 +51,8 @@ def worker_env(plan: LaunchPlan) -> Dict[str, str]:
     """What every MPI/srun worker must receive: the plan's env plus master, job id and the world layout."""
     env = dict(plan.env)
     env.update({"MASTER_ADDR": plan.master_addr, "MASTER_PORT": str(plan.master_port),
-                "DSRUN_JOB_ID": plan.job_id, WORLD_INFO_ENV: encode_world_info(plan.world_info)})
+                "DSRUN_JOB_ID": plan.job_id, WORLD_INFO_ENV: encode_world_info(plan.world_info),
+                "DSRUN_LOG_LEVEL": plan.worker.log_level})  # what the agent gives its ranks (runtime/log.py)
     return env
 
 

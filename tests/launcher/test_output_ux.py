@@ -199,3 +199,13 @@ def test_tee_writes_each_rank_log_and_the_console(tmp_path):
     (name,) = os.listdir(logs)
     assert (logs / name).read_text() == "about to fail\n"
     assert agent.report.failures[0].tail == ["about to fail"]
+
+
+def test_output_ranks_flag_through_the_cli(tmp_path):
+    """`--output_ranks 1` (torchrun's `--local_ranks_filter` spelling too) shows only rank 1's lines."""
+    (tmp_path / "hello.py").write_text("import os\nprint('hello from rank', os.environ['RANK'], flush=True)\n")
+    for flag in ("--output_ranks", "--local_ranks_filter"):
+        proc = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", flag, "1", "hello.py"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "hello from rank 1" in proc.stdout and "hello from rank 0" not in proc.stdout
