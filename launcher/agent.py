@@ -50,6 +50,7 @@ from dsrun.launcher.output import ConsoleWriter, RankStream, new_tail, print_fai
 from dsrun.launcher.spec import AgentSpec, WorkerOptions
 
 ERROR_FILE_ENV = "DSRUN_ERROR_FILE"  # read by runtime/rank_errors.py (which must not import the launcher)
+CONSOLE_TTY_ENV = "DSRUN_CONSOLE_TTY"  # "1": dsrun's console is a terminal that shows `\r` updates in place
 LOG_LEVEL_ENV = "DSRUN_LOG_LEVEL"  # read by runtime/log.py: the launcher's --log_level/-q for the ranks' logger
 
 __all__ = ["NodeAgent", "worker_env", "worker_argv", "pid_file_path", "main"]
@@ -357,6 +358,8 @@ class NodeAgent:
             r = _Rank(rank=first_rank + local_rank, local_rank=local_rank)
             r.error_file = self._fresh_error_file(r.rank)
             env[ERROR_FILE_ENV] = env["TORCHELASTIC_ERROR_FILE"] = r.error_file
+            if self.console.live(stderr=False):  # rank 0's progress may update one line in place (runtime/monitor/progress.py)
+                env[CONSOLE_TTY_ENV] = "1"
             self.ranks.append(r)
             self._note(f"rank {r.rank}: {argv}", 10)
             self._spawn_one(sel, r, argv, env, stdin, preexec, stamp)

@@ -2,12 +2,15 @@
 
 On a terminal: a live rich panel (progress bar when the total is known, then step, loss, lr, grad norm,
 throughput, TFLOP/s and MFU, memory, skipped steps, ETA), refreshed when rows are written, by the
-caller's thread (rich's auto-refresh thread is off). Anywhere else (a pipe, a file, dsrun's rank
-prefixing): one plain line every `steps_per_print` steps and nothing else: no colour, no cursor
-movement, no carriage return. `wall_clock_breakdown` adds forward/backward/optimizer/comm times.
+caller's thread (rich's auto-refresh thread is off). Under `dsrun` at a terminal (the agent sets
+`DSRUN_CONSOLE_TTY=1`; the rank's own stdout is a pipe): one status line rewritten in place with `\r`,
+which dsrun's output layer shows live under the `[rank 0]` prefix. Anywhere else (a pipe, a file):
+one plain line every `steps_per_print` steps and nothing else: no colour, no cursor movement, no
+carriage return. `wall_clock_breakdown` adds forward/backward/optimizer/comm times.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Dict, List, Optional, TextIO, Tuple
 
@@ -63,6 +66,23 @@ def format_line(pairs: List[Tuple[str, str]]) -> str:
     return " | ".join(f"{label} {value}" for label, value in pairs)
 
 
+class _EndsOpenLine:
+    """rank 0's stdout while a `\r` status line is open: a write from the script ends that line first, as
+    rich's Live and tqdm.write do, so the script's text never lands at the end of the status line."""
+
+    def __init__(self, stream: TextIO, progress: "Progress"):
+        self._stream, self._progress = stream, progress
+
+    def write(self, text: str) -> int:
+        if text and self._progress._line_open:
+            self._progress._line_open = False
+            self._stream.write("\n")
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 class Progress:
     """Shows rows as they are written (rank 0 only)."""
 
@@ -75,6 +95,10 @@ class Progress:
             except (AttributeError, ValueError):
                 terminal = False
         self.terminal = terminal
+        # dsrun's console is a terminal that renders `\r` updates (launcher/agent.py sets this for the ranks)
+        self.one_line = not terminal and os.environ.get("DSRUN_CONSOLE_TTY") == "1"
+        self._line_open = False
+        self._proxy = None
         self.steps_per_print = steps_per_print
         self.total_steps = total_steps
         self._live = None
@@ -83,6 +107,11 @@ class Progress:
         pairs = fields(row, total_steps=self.total_steps, eta_s=eta_s)
         if self.terminal:
             self._show_live(row, pairs)
+        elif self.one_line:
+            if self._proxy is None and self.stream is sys.stdout:  # the script's own prints start a new line
+                self._proxy = sys.stdout = _EndsOpenLine(self.stream, self)
+            self._write("\r" + format_line(pairs))
+            self._line_open = True
         elif self.steps_per_print and row["step"] % self.steps_per_print == 0:
             try:
                 self.stream.write(format_line(pairs) + "\n")
@@ -112,7 +141,21 @@ class Progress:
             self._live.start()
         self._live.update(view, refresh=True)
 
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (BrokenPipeError, ValueError):  # the reader went away; training goes on
+            pass
+
     def close(self) -> None:
+        if self._proxy is not None:
+            if sys.stdout is self._proxy:
+                sys.stdout = self.stream
+            self._proxy = None
+        if self._line_open:
+            self._line_open = False
+            self._write("\n")
         live, self._live = self._live, None
         if live is not None:
             try:

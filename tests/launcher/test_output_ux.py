@@ -7,6 +7,7 @@ Most tests run the real `dsrun` command on tests/launcher/scripts/ux.py; termina
 import io
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -209,3 +210,22 @@ def test_output_ranks_flag_through_the_cli(tmp_path):
                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         assert "hello from rank 1" in proc.stdout and "hello from rank 0" not in proc.stdout
+
+
+def test_training_progress_updates_in_place_under_dsrun_on_a_terminal(tmp_path):
+    """Rank 0's progress (runtime/monitor/progress.py) is one `\\r`-rewritten line under `[rank 0]` at a
+    terminal (the agent sets DSRUN_CONSOLE_TTY), and plain lines every steps_per_print when piped."""
+    example = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           "examples")
+    argv = [sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", os.path.join(example, "train.py"),
+            "--deepspeed_config", os.path.join(example, "ds_config.json"), "--epochs", "1"]
+    env = {**os.environ, "TERM": "xterm", "OMP_NUM_THREADS": "1"}
+    env.pop("NO_COLOR", None)
+    code, data = _on_pty(argv, env, str(tmp_path), timeout=120)
+    text = data.decode("utf-8", "replace")
+    assert code == 0, text
+    assert re.search(r"\r\S*\[rank 0\]\S* step 20/", text), text[-2000:]  # rewritten in place
+    assert re.search(r"^\S*\[rank 0\]\S* epoch 0 step 64", text, re.M), text[-2000:]  # the script's line: its own
+    piped = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert piped.returncode == 0 and "\r" not in piped.stdout
+    assert re.search(r"^\[rank 0\] step 10/", piped.stdout, re.M), piped.stdout
