@@ -165,13 +165,8 @@ def _command(as_json):
 
 def main(argv=None):
     """Console entry point of `dsrun-report`; returns the exit code (2 for a bad option)."""
-    try:
-        return _command.main(args=argv, prog_name="dsrun-report", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
+    from dsrun.click_main import run_command
+    return run_command(_command, argv, "dsrun-report")
 
 
 if __name__ == "__main__":

@@ -126,13 +126,8 @@ def _command(checkpoint_dir, output_file, tag, exclude_frozen_parameters):
 
 def main(argv=None):
     """Console entry point of `dsrun-to-fp32`; returns the exit code (2 for bad arguments, as argparse did)."""
-    try:
-        return _command.main(args=argv, prog_name="dsrun-to-fp32", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.ClickException as e:
-        e.show()
-        return e.exit_code
+    from dsrun.click_main import run_command
+    return run_command(_command, argv, "dsrun-to-fp32")
 
 
 if __name__ == "__main__":
