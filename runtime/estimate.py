@@ -49,15 +49,17 @@ class EstimateRow:
 def model_state_bytes(params: float, *, stage: int, num_gpus_per_node: int = 1, num_nodes: int = 1,
                       offload_optimizer: bool = False, offload_param: bool = False) -> Tuple[int, int]:
     """(bytes per GPU, bytes per node of host memory) for `params` parameters ([Note: estimate formulas])."""
+    from .config.policies import ShardingPolicy
+    sharded = ShardingPolicy.from_stage(stage)  # the stage is the row's label; the policy says what is split
     n = num_gpus_per_node * num_nodes
-    weights = WEIGHT_BYTES * params / (n if stage >= 3 else 1)
-    grads = GRAD_BYTES * params / (n if stage >= 2 else 1)
-    optim = OPTIMIZER_BYTES * params / (n if stage >= 1 else 1)
+    weights = WEIGHT_BYTES * params / (n if sharded.parameters else 1)
+    grads = GRAD_BYTES * params / (n if sharded.gradients else 1)
+    optim = OPTIMIZER_BYTES * params / (n if sharded.optimizer_state else 1)
     host = 0.0
     if offload_optimizer:
         host += optim
         optim = 0.0
-        if stage >= 2:
+        if sharded.gradients:
             host, grads = host + grads, 0.0
     if offload_param:
         host, weights = host + weights, 0.0
