@@ -314,7 +314,7 @@ def test_jobs_sharing_a_rank_log_folder_keep_their_logs_and_records_apart(box):
 
 
 # ------------------------------------------------------------------ 10: planning is O(hosts)
-@pytest.mark.parametrize("launcher", ["pdsh", "openmpi"])
+@pytest.mark.parametrize("launcher", ["ssh", "pdsh", "openmpi"])
 def test_a_3000_host_dry_run_is_fast_and_linear(box, launcher):
     sizes = {}
     for hosts in (1000, 3000):
