@@ -18,6 +18,7 @@ synchronises the CUDA device around each checkpoint (no-op without CUDA).
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Callable, List, Optional
 
@@ -137,11 +138,15 @@ def _run_non_reentrant(function: Callable, args: tuple):
     return torch.utils.checkpoint.checkpoint(replay, *args, use_reentrant=False, preserve_rng_state=True)
 
 
-def checkpoint(function: Callable, *args: Any, use_reentrant: Optional[bool] = None):
-    """Run `function(*args)` with its activations recomputed in backward (module docstring).
+def checkpoint(function: Callable, *args: Any, use_reentrant: Optional[bool] = None, **kwargs: Any):
+    """Run `function(*args, **kwargs)` with its activations recomputed in backward (module docstring).
 
-    `use_reentrant` None means True, DeepSpeed's default. Returns what `function` returns."""
+    `use_reentrant` None means True, DeepSpeed's default. Keyword arguments are passed through as
+    constants: a tensor given by keyword gets no gradient in the reentrant form (pass it positionally).
+    Returns what `function` returns."""
     reentrant = True if use_reentrant is None else use_reentrant
+    if kwargs:
+        function = functools.partial(function, **kwargs)
     _sync()
     start = time.perf_counter() if SETTINGS.profile else 0.0
     if reentrant:

@@ -86,6 +86,16 @@ def test_parameters_get_gradients_when_no_input_requires_grad():
     _assert_same(plain, ckpt)
 
 
+@pytest.mark.parametrize("form", ["reentrant", "non_reentrant"])
+def test_keyword_arguments_pass_through(form):
+    torch.manual_seed(0)
+    block = Block()
+    x = torch.randn(8, 16, requires_grad=True)
+    y, tag, _ = ck.checkpoint(block, x, use_reentrant=form == "reentrant", scale=2.0, tag="k")
+    y.sum().backward()
+    assert tag == "k!" and x.grad is not None and block.up.weight.grad is not None
+
+
 def test_recompute_differs_without_rng_restore_would_be_caught():
     # Guard for the test itself: dropout really is random here, so equality above means RNG was restored.
     torch.manual_seed(0)
