@@ -39,18 +39,13 @@ _LAZY = {
     "checkpoint": "dsrun.checkpoint",
     "moe": "dsrun.moe",
     "git_version_info": "dsrun.git_version_info",
-    "checkpointing": "dsrun.runtime.checkpointing",
-    "pipe": "dsrun.runtime.pipe",
-    "PipelineModule": "dsrun.runtime.pipe",
+    "checkpointing": "dsrun.checkpointing",
+    "pipe": "dsrun.pipe",
+    "PipelineModule": "dsrun.pipe",
     "kernels": "dsrun.kernels",
     "launcher": "dsrun.launcher",
     "runtime": "dsrun.runtime",
 }
-
-# Features named in the API whose module has not landed: a stand-in whose attributes raise
-# NotImplementedError when used ([Note: pending features]).
-_PENDING = {"dsrun.runtime.checkpointing": "activation checkpointing (dsrun.checkpointing)",
-            "dsrun.runtime.pipe": "pipeline parallelism (dsrun.pipe)"}
 
 __all__ = ["__version__", "initialize", "init_distributed", "add_config_arguments", "DeepSpeedConfig",
            "DeepSpeedConfigError", "DeepSpeedEngine", "get_accelerator", "logger", "log_dist", "zero", "comm",
@@ -58,38 +53,12 @@ __all__ = ["__version__", "initialize", "init_distributed", "add_config_argument
            "kernels"]
 
 
-def _import_pending(target: str):
-    """[Note: pending features] `dsrun.checkpointing` and `dsrun.pipe` are part of the public API before
-    their implementation exists. Until it does, the name resolves to a module whose every attribute is a
-    callable raising NotImplementedError naming the feature, so `from dsrun import *` and `import dsrun as
-    deepspeed` keep working and only a use of the feature fails."""
-    try:
-        return importlib.import_module(target)
-    except ModuleNotFoundError as exc:
-        if exc.name != target:
-            raise
-    import types
-
-    feature = _PENDING[target]
-    module = types.ModuleType(target, f"Not implemented yet: {feature}.")
-
-    def missing(name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-
-        def unavailable(*args, **kwargs):
-            raise NotImplementedError(f"{feature} is not implemented by dsrun yet ({name})")
-        return unavailable
-    module.__getattr__ = missing
-    return module
-
-
 def __getattr__(name):
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module 'dsrun' has no attribute {name!r}")
     target, attr = target if isinstance(target, tuple) else (target, name)
-    module = _import_pending(target) if target in _PENDING else importlib.import_module(target)
+    module = importlib.import_module(target)
     value = module if target.rsplit(".", 1)[-1] == attr else getattr(module, attr)
     globals()[name] = value
     return value
