@@ -16,8 +16,6 @@ fused Adagrad kernel; any other optimizer runs its own `step()` on the host mast
 """
 from __future__ import annotations
 
-import logging
-import warnings
 from typing import List
 
 import torch
@@ -25,8 +23,6 @@ import torch
 from dsrun.errors import ConfigError
 
 __all__ = ["host_tensor", "host_bytes_needed", "check_host_budget", "offload_kind", "HOST_STATE_ELEMS"]
-
-log = logging.getLogger("dsrun")
 
 # fp32 elements of optimizer state per parameter element, by optimizer kind (host budget)
 HOST_STATE_ELEMS = {"adam": 2, "adagrad": 1, "torch": 2}
@@ -43,8 +39,9 @@ def host_tensor(t: torch.Tensor, *, pin: bool, dtype=None) -> torch.Tensor:
         except RuntimeError as exc:
             if not _PIN_WARNED:
                 _PIN_WARNED.append(True)
-                warnings.warn(f"offload_optimizer.pin_memory: pinning host memory failed ({exc}); using pageable "
-                              "memory (slower copies)", RuntimeWarning, stacklevel=2)
+                from ..log import get_logger
+                get_logger().warning("offload_optimizer.pin_memory: pinning host memory failed (%s); using "
+                                     "pageable memory (slower copies)", exc)
     return out
 
 

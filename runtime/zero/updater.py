@@ -17,16 +17,12 @@
 """
 from __future__ import annotations
 
-import logging
-import warnings
 from contextlib import nullcontext
 from typing import Dict, List, Tuple
 
 import torch
 
 __all__ = ["select_updater", "FlatKernelUpdater", "TorchOptimizerUpdater", "HostOffloadUpdater"]
-
-log = logging.getLogger("dsrun.runtime.zero")
 
 
 def _flat_kernel_capable(optimizer) -> bool:
@@ -144,14 +140,14 @@ class HostOffloadUpdater(_Updater):
         self.kind = offload_kind(optimizer)
         self._host_grads: Dict[int, torch.Tensor] = {}
         self._staging: Dict[int, torch.Tensor] = {}
+        from ..log import info_rank0, warn_once_rank0
         name = type(optimizer).__name__
         if self.kind == "adam" and type(optimizer).__module__.startswith("torch.optim"):
-            log.info("offload_optimizer: the client torch.optim.%s runs as dsrun's fused CPU Adam (same "
-                     "hyperparameters and state)", name)
+            info_rank0("offload_optimizer: the client torch.optim.%s runs as dsrun's fused CPU Adam (same "
+                       "hyperparameters and state)", name)
         elif self.kind == "torch":
-            warnings.warn(f"offload_optimizer: {name} has no fused CPU kernel; its step runs on the CPU as "
-                          "given, which may be slow (Adam, AdamW and Adagrad have CPU kernels)", RuntimeWarning,
-                          stacklevel=2)
+            warn_once_rank0("offload_optimizer: %s has no fused CPU kernel; its step runs on the CPU as given, "
+                            "which may be slow (Adam, AdamW and Adagrad have CPU kernels)", name)
 
     def _host_grad(self, b: int, grad: torch.Tensor) -> torch.Tensor:
         """Bucket b's gradient on the host: the reducer's chunk itself on a CPU device, else a copy into

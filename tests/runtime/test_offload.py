@@ -200,3 +200,54 @@ def test_founding_configs_train_under_the_launcher(tmp_path, index):
                           timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "rank 0 trained 2 steps" in done.stdout and "rank 1 trained 2 steps" in done.stdout
+
+
+def _adagrad_and_budget(rank, world):
+    import dsrun
+    from dsrun.errors import ConfigError
+    from dsrun.runtime.zero.offload import check_layout_budget
+    cfg = config(2, world)
+    cfg["optimizer"] = {"type": "Adagrad", "params": {"lr": LR}}
+    engine, *_ = dsrun.initialize(model=make_model(), config=cfg)
+    kind = engine.zero.updater.kind
+    train(engine, rank, world, make_data(world))
+    state = [v.clone() for v in engine.module_state_dict().values()]
+    owned = sum(b.own_end - b.own_start for b in engine.zero.layout.buckets)
+    try:  # the same check the engine ran before allocating, with the host's memory taken as 1 KiB
+        check_layout_budget(engine.zero.layout, engine.basic_optimizer, device="cpu", param_dtype=torch.float32,
+                            available=1024, local_ranks=2)
+        refused = None
+    except ConfigError as exc:
+        refused = str(exc)
+    engine.destroy()
+    return kind, state, owned, refused
+
+
+def test_adagrad_runs_the_cpu_kernel_and_a_real_layout_over_budget_is_refused():
+    model = make_model()
+    opt = torch.optim.Adagrad(model.parameters(), lr=LR)
+    for x, y in make_data(2):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+    for kind, state, owned, refused in run_ranks(_adagrad_and_budget, world_size=2, timeout=120):
+        assert kind == "adagrad"
+        for p, q in zip(state, model.parameters()):
+            torch.testing.assert_close(p, q.detach(), rtol=1e-4, atol=1e-6)
+        needed = owned * (4 + 4) * 2  # fp32 master + Adagrad's sum, 2 local ranks, the master is the weight
+        assert refused is not None and f"needs {needed} bytes" in refused and "1024 bytes" in refused
+
+
+@pytest.mark.parametrize("zero,where", [
+    ({"stage": 3, "offload_param": {"device": "cpu"}}, "zero_optimization.offload_param"),
+    ({"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}},
+     "zero_optimization.offload_optimizer.device")])
+def test_parameter_and_nvme_offload_are_refused_clearly(zero, where):
+    from dsrun.errors import ConfigError
+    from dsrun.runtime.config import load_config
+    from dsrun.runtime.engine import Engine
+    cfg = load_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": zero}, world_size=1)
+    with pytest.raises(ConfigError) as err:
+        Engine._check_supported(cfg)
+    assert err.value.where == where and "not implemented" in err.value.message
