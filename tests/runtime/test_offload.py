@@ -120,9 +120,9 @@ def _save(rank, world, path):
     return state
 
 
-def _load(rank, world, path):
+def _load(rank, world, path, offload):
     import dsrun
-    engine, *_ = dsrun.initialize(model=make_model(), config=config(1, world, offload=False))
+    engine, *_ = dsrun.initialize(model=make_model(), config=config(1, world, offload=offload))
     engine.load_checkpoint(path, tag="t")
     x, y = make_data(2, STEPS + 1)[STEPS]  # the same global batch the 2-rank run took
     for k in range(GAS):
@@ -134,12 +134,37 @@ def _load(rank, world, path):
     return state
 
 
-def test_checkpoint_with_offload_loads_without_it_at_another_world_size(tmp_path):
+@pytest.mark.parametrize("offload", (False, True), ids=("load-without-offload", "load-with-offload"))
+def test_checkpoint_with_offload_loads_at_another_world_size(tmp_path, offload):
     saved = run_ranks(_save, world_size=2, args=(str(tmp_path),), timeout=120)[0]
-    loaded = run_ranks(_load, world_size=1, args=(str(tmp_path),), timeout=120)[0]
+    loaded = run_ranks(_load, world_size=1, args=(str(tmp_path), offload), timeout=120)[0]
     assert saved.keys() == loaded.keys()
     for k in saved:
         torch.testing.assert_close(loaded[k], saved[k], rtol=1e-4, atol=1e-6)
+
+
+def _bf16_pair(rank, world):
+    import dsrun
+    out = []
+    for offload in (True, False):
+        cfg = config(2, world, offload=offload)
+        cfg["bf16"] = {"enabled": True}
+        engine, *_ = dsrun.initialize(model=make_model(), config=cfg)
+        for x, y in make_data(world):
+            for k in range(GAS):
+                rows = slice((k * world + rank) * MICRO, (k * world + rank + 1) * MICRO)
+                loss = torch.nn.functional.mse_loss(engine(x[rows].bfloat16()).float(), y[rows])
+                engine.backward(loss)
+                engine.step()
+        out.append(torch.cat([v.float().reshape(-1) for v in engine.module_state_dict().values()]))
+        engine.destroy()
+    return out
+
+
+def test_bf16_offload_tracks_bf16_without_offload():
+    """bf16 working weights written by the CPU kernel's fused cast, against the same run without offload."""
+    for with_offload, without in run_ranks(_bf16_pair, world_size=2, timeout=120):
+        assert (with_offload - without).norm() / without.norm() < 1e-2
 
 
 def test_host_budget_check_refuses_what_cannot_fit():
