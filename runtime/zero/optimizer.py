@@ -118,6 +118,8 @@ class ZeroOptimizer:
 
     def _attach_grads(self) -> None:
         if not self._host_grads:  # offloaded masters: the host updater copies the gradients itself
+            for master in self.masters:
+                master.grad = None
             return
         for master, grad in zip(self.masters, self.reducer.grads):
             master.grad = grad
