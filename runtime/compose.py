@@ -13,7 +13,8 @@
 5. scheduler (`apply_scheduler`): the client's (instance or callable(optimizer)) or `build_scheduler(config.scheduler)`;
 6. data (`apply_data`): a DistributedSampler loader when `training_data` is given.
 
-Pipeline split and activation checkpointing go before sharding and offload after it when they land; a
+Optimizer offload is part of sharding (the strategy's host updater, runtime/zero/offload.py), chosen
+from `config.offload`. Pipeline split and activation checkpointing go before sharding when they land; a
 pipeline engine reuses these functions for its stage's module.
 """
 from __future__ import annotations
@@ -104,7 +105,8 @@ def apply_sharding(model: torch.nn.Module, *, optimizer, config, group, device: 
     from .zero import build_strategy
     return build_strategy(model, optimizer=optimizer, sharding=config.sharding, precision=config.precision,
                           comm_policy=config.comm, group=group, device=device, dtype_of=torch_dtype,
-                          accumulation_steps=config.gradient_accumulation_steps, zero_config=config.zero)
+                          accumulation_steps=config.gradient_accumulation_steps, zero_config=config.zero,
+                          offload=config.offload)
 
 
 def apply_scheduler(*, client, optimizer, config):

@@ -93,9 +93,12 @@ class Engine(EngineCompat, torch.nn.Module):
 
     @staticmethod
     def _check_supported(config) -> None:
-        if config.offload.optimizer.value != "none" or config.offload.params.value != "none":
-            raise ConfigError("offloading is not implemented yet", where="zero_optimization.offload_optimizer",
-                              hint="remove offload_optimizer/offload_param")
+        if config.offload.params.value != "none":
+            raise ConfigError("parameter offload is not implemented yet (optimizer offload to the CPU is)",
+                              where="zero_optimization.offload_param", hint="remove offload_param")
+        if config.offload.optimizer.value == "nvme":
+            raise ConfigError("optimizer offload to NVMe is not implemented yet; use device 'cpu'",
+                              where="zero_optimization.offload_optimizer.device", hint="set it to \"cpu\"")
 
     # -- the training loop -------------------------------------------------------------------------
 

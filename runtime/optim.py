@@ -3,7 +3,7 @@
 Resolution (reference deepspeed-runtime.md 1.3): `adam`/`adamw` (case-insensitive) -> dsrun.kernels
 FusedAdam on CUDA or CPUAdam when the optimizer is offloaded, if those kernels exist, else
 `torch.optim.AdamW` (`adam_w_mode` true, the DeepSpeed default) or `torch.optim.Adam`, fused on CUDA;
-`torch_adam: true` forces torch. `lamb` -> runtime/lamb.py. `adagrad`, `sgd`, `lion`... : the case-insensitive DeepSpeed names we
+`torch_adam: true` forces torch. `adagrad` with the optimizer offloaded -> CPUAdagrad. `lamb` -> runtime/lamb.py. `adagrad`, `sgd`, `lion`... : the case-insensitive DeepSpeed names we
 support map to torch; any other `type` is looked up case-sensitively in `torch.optim`.
 """
 from __future__ import annotations
@@ -64,6 +64,10 @@ def build_optimizer(opt_config, params, *, offload, device) -> torch.optim.Optim
     if lower == "lamb":
         from .lamb import Lamb
         return _construct(Lamb, params, kwargs, kind)
+    if lower == "adagrad" and getattr(getattr(offload, "optimizer", None), "value", "none") != "none":
+        cls = _kernel("CPUAdagrad")  # the fused CPU kernel for the offloaded step
+        if cls is not None:
+            return _construct(cls, params, kwargs, kind)
     name = _TORCH_NAMES.get(lower, kind)
     cls = getattr(torch.optim, name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):

@@ -16,7 +16,7 @@ __all__ = ["Init", "GatheredParameters", "register_external_parameter", "build_s
 
 
 def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group, device, dtype_of,
-                   accumulation_steps: int = 1, zero_config=None) -> ZeroOptimizer:
+                   accumulation_steps: int = 1, zero_config=None, offload=None) -> ZeroOptimizer:
     """Lay out `module`'s trainable parameters and shard them per `sharding`.
 
     Args:
@@ -31,6 +31,8 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
         dtype_of: maps a dtype name ("fp32", "bf16", "fp16") to a torch dtype.
         accumulation_steps: gradient accumulation steps (1 lets ZeRO-1 skip its full gradient buffer).
         zero_config: the `zero_optimization` section (ZeRO-3's unit, prefetch and persistence keys).
+        offload: `OffloadPolicy`; optimizer offload to the CPU keeps masters and optimizer state in host
+            memory and steps there (offload.py), after checking the host has room for them.
     """
     from .reducer import GradReducer
     comm = Comm(group)
@@ -58,5 +60,10 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
                           copy_engines=copy_engines, transient=sharding.parameters)
     if sharding.parameters:
         weights.attach(reducer)
+    offload_pin = None
+    if offload is not None and offload.optimizer.value == "cpu":
+        from .offload import check_layout_budget
+        check_layout_budget(layout, optimizer, device=device, param_dtype=param_dtype)
+        offload_pin = offload.pin_memory
     return ZeroOptimizer(module, optimizer, layout=layout, weights=weights, reducer=reducer, comm=comm,
-                         precision=precision, dtype_of=dtype_of, frozen=frozen)
+                         precision=precision, dtype_of=dtype_of, frozen=frozen, offload_pin=offload_pin)

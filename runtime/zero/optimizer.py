@@ -64,20 +64,27 @@ class ZeroOptimizer:
     """The sharding strategy of ZeRO stages 0-3 (see the module doc)."""
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, layout: FlatLayout, weights,
-                 reducer: GradReducer, comm: Comm, precision, dtype_of, frozen):
+                 reducer: GradReducer, comm: Comm, precision, dtype_of, frozen, offload_pin=None):
         self.module, self.optimizer, self.comm = module, optimizer, comm
         self.layout, self.weights, self.reducer, self.frozen = layout, weights, reducer, frozen
         self.sharded = layout.sharded and comm.world_size > 1
         self.param_dtype = dtype_of(precision.param_dtype)
         self.aliased = dtype_of(precision.master_dtype) == self.param_dtype == torch.float32
         self.masters: List[torch.Tensor] = weights.make_masters(dtype_of(precision.master_dtype), self.aliased)
+        offload = None
+        self._host_grads = True  # masters and reduced gradients on one device: grads attach as .grad
+        if offload_pin is not None:  # optimizer offload (offload.py): masters on the host
+            offload = {"targets": self._offload_targets(), "pin": offload_pin}
+            if weights.device.type != "cpu":
+                from .offload import host_masters
+                self.masters, self.aliased, self._host_grads = host_masters(self.masters, pin=offload_pin), False, False
         # the optimizer sees master chunks only
         for g, group in enumerate(optimizer.param_groups):
             group["params"] = [self.masters[b.index] for b in layout.group_buckets(g)]
         bucket_of_master = {id(m): b.index for b, m in zip(layout.buckets, self.masters)}
         optimizer.state.clear()
         self.updater = select_updater(optimizer, weights=weights, masters=self.masters, aliased=self.aliased,
-                                      bucket_of_master=bucket_of_master)
+                                      bucket_of_master=bucket_of_master, offload=offload)
         self._attach_grads()
 
     # -- the backward ------------------------------------------------------------------------------------
@@ -95,7 +102,25 @@ class ZeroOptimizer:
 
     # -- step ----------------------------------------------------------------------------------------
 
+    def _offload_targets(self) -> List:
+        """Per bucket, where the host step's updated weights go on the device: the working chunk, else
+        (ZeRO-3's master-is-the-shard) the device master; None when the master is the working chunk on
+        a CPU device."""
+        targets = []
+        for b, m in enumerate(self.masters):
+            w = self.weights.owned(b)
+            on_host = self.weights.device.type == "cpu"
+            if w is None:
+                targets.append(None if on_host else m)
+            else:
+                targets.append(None if on_host and self.aliased else w)
+        return targets
+
     def _attach_grads(self) -> None:
+        if not self._host_grads:  # offloaded masters: the host updater copies the gradients itself
+            for master in self.masters:
+                master.grad = None
+            return
         for master, grad in zip(self.masters, self.reducer.grads):
             master.grad = grad
 

@@ -11,8 +11,9 @@
 - `TorchOptimizerUpdater` (any other optimizer): one multiply of every gradient by the coefficient,
   `optimizer.step()` on the masters, a cast of the masters into the working weights, then publishing.
 
-A host updater (optimizer state and masters in CPU memory, CPUAdam, for `offload_optimizer`) is a third
-implementation of the same two methods; `select_updater` is where it will be chosen from the offload policy.
+- `HostOffloadUpdater` (`offload_optimizer`, chosen by the caller from the offload policy): masters and
+  optimizer state in host memory, per bucket the gradient copied to the host, the CPU step (fused CPU Adam
+  or Adagrad kernel, else the optimizer's own step), the updated weights copied back, then the publish.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-__all__ = ["select_updater", "FlatKernelUpdater", "TorchOptimizerUpdater"]
+__all__ = ["select_updater", "FlatKernelUpdater", "TorchOptimizerUpdater", "HostOffloadUpdater"]
 
 
 def _flat_kernel_capable(optimizer) -> bool:
@@ -31,8 +32,12 @@ def _flat_kernel_capable(optimizer) -> bool:
 
 
 def select_updater(optimizer, *, weights, masters: List[torch.Tensor], aliased: bool,
-                   bucket_of_master: Dict[int, int]):
-    """The updater for `optimizer` over `masters` (one per bucket) publishing into `weights`."""
+                   bucket_of_master: Dict[int, int], offload=None):
+    """The updater for `optimizer` over `masters` (one per bucket) publishing into `weights`; with
+    `offload` (a dict: `targets`, `pin`) the host updater."""
+    if offload is not None:
+        return HostOffloadUpdater(optimizer, weights=weights, masters=masters, aliased=aliased,
+                                  bucket_of_master=bucket_of_master, **offload)
     cls = FlatKernelUpdater if _flat_kernel_capable(optimizer) else TorchOptimizerUpdater
     return cls(optimizer, weights=weights, masters=masters, aliased=aliased, bucket_of_master=bucket_of_master)
 
@@ -118,3 +123,109 @@ class FlatKernelUpdater(_Updater):
         """The compute stream waits for updates queued on the side stream."""
         if self._side is not None:
             torch.cuda.current_stream(self.weights.device).wait_stream(self._side)
+
+
+class HostOffloadUpdater(_Updater):
+    """Optimizer offload (offload.py): masters and state on the host, the step on the CPU.
+
+    `targets[b]` is where bucket b's updated weights go on the device (the working chunk, or the device
+    shard when the master is the shard), None when the host master is itself the working chunk (fp32 on
+    a CPU device)."""
+
+    def __init__(self, optimizer, *, weights, masters, aliased, bucket_of_master, targets, pin: bool):
+        super().__init__(optimizer, weights=weights, masters=masters, aliased=aliased,
+                         bucket_of_master=bucket_of_master)
+        from .offload import offload_kind
+        self.targets, self.pin = targets, pin
+        self.kind = offload_kind(optimizer)
+        self._host_grads: Dict[int, torch.Tensor] = {}
+        self._staging: Dict[int, torch.Tensor] = {}
+        from ..log import info_rank0, warn_once_rank0
+        name = type(optimizer).__name__
+        if self.kind == "adam" and type(optimizer).__module__.startswith("torch.optim"):
+            info_rank0("offload_optimizer: the client torch.optim.%s runs as dsrun's fused CPU Adam (same "
+                       "hyperparameters and state)", name)
+        elif self.kind == "torch":
+            warn_once_rank0("offload_optimizer: %s has no fused CPU kernel; its step runs on the CPU as given, "
+                            "which may be slow (Adam, AdamW and Adagrad have CPU kernels)", name)
+
+    def _host_grad(self, b: int, grad: torch.Tensor) -> torch.Tensor:
+        """Bucket b's gradient on the host: the reducer's chunk itself on a CPU device, else a copy into
+        a host buffer allocated once (pinned per `pin`)."""
+        if grad.device.type == "cpu" and grad.dtype == torch.float32:
+            return grad
+        buf = self._host_grads.get(b)
+        if buf is None:
+            from .offload import host_tensor
+            buf = self._host_grads[b] = host_tensor(torch.empty(grad.shape, dtype=torch.float32), pin=self.pin)
+        buf.copy_(grad)
+        return buf
+
+    def _out(self, b: int):
+        """Where the CPU kernel writes the updated weights: the target itself when it is on the host,
+        else a host staging buffer of the target's dtype (then copied to the device)."""
+        target = self.targets[b]
+        if target is None or target.device.type == "cpu":
+            return target
+        buf = self._staging.get(b)
+        if buf is None:
+            from .offload import host_tensor
+            buf = self._staging[b] = host_tensor(torch.empty(target.shape, dtype=target.dtype), pin=self.pin)
+        return buf
+
+    def step(self, coef, grads: List[torch.Tensor]) -> None:
+        coef = float(coef)  # the host reads the coefficient: the step runs here
+        opt = self.optimizer
+        by_bucket = {self.bucket_of_master[id(m)]: (g, m) for g, group in enumerate(opt.param_groups)
+                     for m in group["params"]}
+        host = {b: self._host_grad(b, grads[b]) for b in by_bucket}
+        if coef != 1.0:
+            torch._foreach_mul_(list(host.values()), coef)
+        if self.kind == "torch":
+            for b, (_, master) in by_bucket.items():
+                master.grad = host[b]
+            opt.step()
+            for _, master in by_bucket.values():
+                master.grad = None
+            self.cast_and_publish()
+            return
+        for b in sorted(by_bucket, reverse=True):  # forward order: the last bucket holds the first layers
+            g, master = by_bucket[b]
+            out = self._out(b)
+            if master.numel():
+                self._kernel_step(master, host[b], opt.param_groups[g], out)
+            if out is not None and out is not self.targets[b]:
+                self.targets[b].copy_(out, non_blocking=True)
+            self.weights.publish(b)
+
+    def _kernel_step(self, master, grad, group, out) -> None:
+        from dsrun.kernels import cpu_ops
+        state = self.optimizer.state[master]
+        if self.kind == "adagrad":
+            if len(state) == 0:
+                state["step"] = 0
+                state["sum"] = torch.full_like(master, float(group["initial_accumulator_value"]))
+            state["step"] = int(state["step"]) + 1
+            cpu_ops.adagrad_step(master, grad, state["sum"], lr=float(group["lr"]), eps=group["eps"],
+                                 weight_decay=group["weight_decay"], out=out)
+            return
+        if len(state) == 0:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(master)
+            state["exp_avg_sq"] = torch.zeros_like(master)
+        state["step"] = int(state["step"]) + 1
+        beta1, beta2 = group["betas"]
+        adamw = group.get("adamw_mode", group.get("decoupled_weight_decay", isinstance(self.optimizer,
+                                                                                       torch.optim.AdamW)))
+        cpu_ops.adam_step(master, grad, state["exp_avg"], state["exp_avg_sq"], lr=float(group["lr"]),
+                          beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+                          weight_decay=group["weight_decay"], step=state["step"], adamw_mode=bool(adamw),
+                          bias_correction=group.get("bias_correction", True), out=out)
+
+    def cast_and_publish(self) -> None:
+        """Host masters -> device working weights (cast), then publish every bucket."""
+        for b in reversed(range(len(self.masters))):
+            target = self.targets[b]
+            if target is not None:
+                target.copy_(self.masters[b], non_blocking=target.device.type != "cpu")
+            self.weights.publish(b)

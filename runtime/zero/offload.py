@@ -1,0 +1,104 @@
+"""CPU optimizer offload (`zero_optimization.offload_optimizer: {device: cpu}`): host masters, host step.
+
+With the optimizer offloaded, the fp32 masters of the owned chunks and every optimizer state live in host
+memory and the step runs on the CPU; the device keeps only the working (16-bit or fp32) weights and the
+reduced gradients. Per bucket, `HostOffloadUpdater` (updater.py's third implementation) copies the owned
+gradient chunk into a host buffer, applies the unscale-and-clip coefficient there, runs the CPU step and
+copies the updated weights back into the working buffer before publishing the bucket. On a CPU device
+the "copies" are aliases or plain copies.
+
+The CPU step is dsrun's fused CPU Adam kernel (kernels/cpu_ops.py) for `CPUAdam`, and also for a client
+`torch.optim.Adam`/`AdamW` (same hyperparameters, read from its param groups at every step so a scheduler
+still drives it; state kept in torch's layout: 'step', 'exp_avg', 'exp_avg_sq'); `CPUAdagrad` runs the
+fused Adagrad kernel; any other optimizer runs its own `step()` on the host masters (one warning: slow).
+
+`host_bytes_needed` / `check_host_budget` are the budget check done before anything is allocated.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from dsrun.errors import ConfigError
+
+__all__ = ["host_tensor", "host_bytes_needed", "check_host_budget", "offload_kind", "HOST_STATE_ELEMS"]
+
+# fp32 elements of optimizer state per parameter element, by optimizer kind (host budget)
+HOST_STATE_ELEMS = {"adam": 2, "adagrad": 1, "torch": 2}
+_PIN_WARNED = []
+
+
+def host_tensor(t: torch.Tensor, *, pin: bool, dtype=None) -> torch.Tensor:
+    """A host copy of `t` (in `dtype`), pinned when `pin` and CUDA exists; if pinning fails, pageable
+    memory with one warning per process."""
+    out = t.detach().to("cpu", dtype=dtype or t.dtype, copy=True).contiguous()
+    if pin and torch.cuda.is_available():
+        try:
+            return out.pin_memory()
+        except RuntimeError as exc:
+            if not _PIN_WARNED:
+                _PIN_WARNED.append(True)
+                from ..log import get_logger
+                get_logger().warning("offload_optimizer.pin_memory: pinning host memory failed (%s); using "
+                                     "pageable memory (slower copies)", exc)
+    return out
+
+
+def offload_kind(optimizer) -> str:
+    """How the host step runs for `optimizer`: 'adam' (fused CPU Adam kernel), 'adagrad' (fused CPU
+    Adagrad kernel) or 'torch' (the optimizer's own step on the host masters)."""
+    try:
+        from dsrun.kernels.cpu_adam import CPUAdagrad, CPUAdam
+    except Exception:  # kernels package broken: every optimizer still runs as given
+        return "torch"
+    if type(optimizer) is CPUAdam:
+        return "adam"
+    if type(optimizer) is CPUAdagrad:
+        return "adagrad"
+    if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
+        d = optimizer.defaults
+        if not (d.get("amsgrad") or d.get("maximize") or d.get("capturable") or d.get("differentiable")):
+            return "adam"
+    return "torch"
+
+
+def host_bytes_needed(owned_numel: int, *, local_ranks: int, state_elems: int = 2, param_bytes: int = 4,
+                      device_is_host: bool = False) -> int:
+    """Host bytes that optimizer offload allocates on one node: per local rank, fp32 masters
+    (4 B/element), `state_elems` fp32 states, an fp32 gradient buffer and, for 16-bit working weights on
+    an accelerator, a staging buffer of `param_bytes` per element. `owned_numel` is one rank's owned
+    elements (the whole model / data-parallel world size)."""
+    per_elem = 4 + 4 * state_elems + (0 if device_is_host else 4 + (param_bytes if param_bytes < 4 else 0))
+    return owned_numel * per_elem * local_ranks
+
+
+def check_host_budget(needed: int, available: int, *, local_ranks: int) -> None:
+    """ConfigError when `needed` host bytes (all local ranks) exceed `available`."""
+    if needed > available:
+        gib = 1 << 30
+        raise ConfigError(f"optimizer offload needs {needed} bytes ({needed / gib:.2f} GiB) of host memory for "
+                          f"{local_ranks} local rank(s), but only {available} bytes ({available / gib:.2f} GiB) "
+                          "are available", where="zero_optimization.offload_optimizer.device",
+                          hint="use fewer ranks per node, more nodes (more data-parallel ranks), a smaller model, "
+                               "or remove offload_optimizer")
+
+
+def host_masters(masters: List[torch.Tensor], *, pin: bool) -> List[torch.Tensor]:
+    """fp32 host copies of the initial masters (pinned per `pin`)."""
+    return [host_tensor(m, pin=pin, dtype=torch.float32) for m in masters]
+
+
+def check_layout_budget(layout, optimizer, *, device, param_dtype, available=None, local_ranks=None) -> None:
+    """The budget check for one rank's `layout` (owned elements) and `optimizer`, before allocating:
+    all local ranks (LOCAL_WORLD_SIZE) together against psutil's available host memory."""
+    import os
+
+    import psutil
+    owned = sum(b.own_end - b.own_start for b in layout.buckets)
+    local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    available = psutil.virtual_memory().available if available is None else available
+    needed = host_bytes_needed(owned, local_ranks=local_ranks, state_elems=HOST_STATE_ELEMS[offload_kind(optimizer)],
+                               param_bytes=torch.finfo(param_dtype).bits // 8,
+                               device_is_host=torch.device(device).type == "cpu")
+    check_host_budget(needed, available, local_ranks=local_ranks)
