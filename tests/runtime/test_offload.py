@@ -207,7 +207,7 @@ FOUNDING_SCRIPT = textwrap.dedent("""
     engine, *_ = dsrun.initialize(args=args, model=model, optimizer=optimizer)
     dtype = next(engine.module.parameters()).dtype
     for _ in range(2 * engine.gradient_accumulation_steps()):
-        x = torch.randn(engine.train_micro_batch_size_per_gpu(), 8).to(dtype)
+        x = torch.randn(engine.train_micro_batch_size_per_gpu(), 8).to(engine.device, dtype)
         engine.backward(engine(x).float().pow(2).mean())
         engine.step()
     print(f"rank {engine.global_rank} trained {engine.global_steps} steps in {dtype}", flush=True)
