@@ -110,7 +110,8 @@ class HangWatchdog:
         self._triggered_at: Optional[int] = None  # `steps` when this rank last triggered
         self._own_episode: Optional[tuple] = None  # (episode, time) this rank triggered, until rank 0 prints
         self._answered = 0
-        self._printed_at: Optional[int] = None
+        self._printed_at: Optional[int] = None  # the step count of the last stall reported (one report a stall)
+        self._printed_episode = 0  # the last episode reported: a stall that is over is never reported again
         self._episode_seen: Dict[int, float] = {}
         self.reports_printed = 0
 
@@ -157,7 +158,7 @@ class HangWatchdog:
         if episode > self._answered:
             self._answered = episode
             self.store.set(self.prefix + f"report/{self.rank}", json.dumps(dict(self.snapshot(), episode=episode)))
-        if self.rank == 0 and episode > 0 and self._printed_at != steps:
+        if self.rank == 0 and episode > self._printed_episode and self._printed_at != steps:
             self._maybe_print(episode, steps)
         elif self.rank != 0 and self._own_episode is not None:
             self._fallback_print()
@@ -197,7 +198,8 @@ class HangWatchdog:
         if not complete and time.time() - first_seen < 2 * self.poll_s + 0.5:
             return
         self._printed_at = steps
-        self.store.set(self.prefix + "printed", str(max(episode, self.store.add(self.prefix + "trigger", 0))))
+        self._printed_episode = max(episode, self.store.add(self.prefix + "trigger", 0))
+        self.store.set(self.prefix + "printed", str(self._printed_episode))
         text = format_report(reports, timeout_s=self.timeout_s)
         self.reports_printed += 1
         self.write(text)

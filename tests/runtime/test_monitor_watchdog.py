@@ -79,6 +79,10 @@ def test_protocol_over_a_real_store():
     assert len(out0) == 1 and "reports from 2/2 ranks" in out0[0] and "ranks behind: 0 " in out0[0]
     rank0._tick()
     assert len(out0) == 1  # once per stall
+    for wd in (rank0, rank1):  # the stall ends: a step completes, both ranks are between steps
+        wd.state.update(steps=4, busy_since=None)
+    rank0._tick()
+    assert len(out0) == 1  # a stall that is over is not reported again at the next step (was: printed twice)
     time.sleep(4 * rank1.poll_s + 1.1)
     rank1._tick()
     assert out1 == []  # rank 0 printed
