@@ -125,6 +125,7 @@ class GradReducer:
         self._launched = [False] * nb
         self._next = 0
         self._communicate = False
+        self._in_backward = False  # between begin_micro_step and finish_backward: this engine's own backward
         self._fresh = True  # the partition holds nothing since the last zero(): overwrite, do not add
         self._reduced = False  # `accum` holds sums over ranks already ([Note: several backwards per step])
         self._carried: Optional[torch.Tensor] = None
@@ -161,6 +162,7 @@ class GradReducer:
         self._seen = [False] * len(self.layout.slots)
         self._arrived, self._ready, self._launched = [0] * nb, [False] * nb, [False] * nb
         self._next = 0
+        self._in_backward = True
 
     def finish_backward(self) -> None:
         """Flush incomplete buckets (in order) and wait for every collective of this micro-step."""
@@ -170,6 +172,7 @@ class GradReducer:
             self._launch_ready()
         self.wait_all()
         self._communicate = False
+        self._in_backward = False
         if self._carried is not None:  # [Note: several backwards per step]
             self.accum.add_(self._carried)
             self._carried = None
@@ -228,6 +231,13 @@ class GradReducer:
 
     def _take(self, slot, grad: torch.Tensor) -> None:
         b = slot.bucket
+        if self._launched[b] and not self._in_backward:
+            raise RuntimeError(
+                f"gradient of {slot.name!r} arrived outside this engine's backward, after the engine had reduced "
+                "its bucket: another engine's backward() (or a direct loss.backward()) reached this model's "
+                "parameters. dsrun does not yet take such gradients into parameters it already reduced (DeepSpeed "
+                "accumulates them until zero_grad()); detach the path into this model where its gradients are "
+                "not wanted (a GAN's discriminator loss takes `fake.detach()`)")
         if self._launched[b]:
             raise RuntimeError(
                 f"gradient of {slot.name!r} arrived after its bucket was reduced (a parameter reached twice "
