@@ -81,21 +81,14 @@ def _excepthook(previous):
         write_error_file(exc, tb)
         if isinstance(exc, DsrunError):
             _write_fd2(f"dsrun: error{_rank_prefix()}: {exc.render()}\n")
-            _flush_std_streams()
+            from .teardown import flush_streams
+            flush_streams()
             os._exit(exc.exit_code)  # sys.exit inside an excepthook would not change the exit status
         from .teardown import note_uncaught
         note_uncaught(exc_type)  # the exit teardown then leaves at once ([Note: teardown at exit])
         previous(exc_type, exc, tb)
     hook._dsrun = True
     return hook
-
-
-def _flush_std_streams() -> None:
-    for stream in (sys.__stdout__, sys.__stderr__, sys.stdout):
-        try:
-            stream.flush()
-        except Exception:
-            pass
 
 
 def install_excepthook() -> None:

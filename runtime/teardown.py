@@ -45,7 +45,7 @@ import sys
 import threading
 import weakref
 
-__all__ = ["track_engine", "ensure_registered", "note_uncaught", "at_exit"]
+__all__ = ["track_engine", "ensure_registered", "note_uncaught", "at_exit", "flush_streams"]
 
 _engines: "weakref.WeakSet" = weakref.WeakSet()
 _lock = threading.Lock()
@@ -74,11 +74,8 @@ def note_uncaught(exc_type) -> None:
     _uncaught = exc_type
 
 
-def _flush() -> None:
-    try:
-        logging.shutdown()
-    except Exception:
-        pass
+def flush_streams() -> None:
+    """Flush Python's stdout and stderr (the current and the original objects) before an `os._exit`."""
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()
@@ -87,7 +84,11 @@ def _flush() -> None:
 
 
 def _leave_now(exc_type) -> None:
-    _flush()
+    try:
+        logging.shutdown()
+    except Exception:
+        pass
+    flush_streams()
     if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
