@@ -20,6 +20,9 @@ Worker: `--worker --mode M` (started by the driver). Contenders:
                         false); beside the plain contender it measures what progress, the metrics folder and
                         the watchdog cost: `--modes dsrun-z2,dsrun-z2-nomon` (every contender prints every
                         10 steps, as DeepSpeed's documented `steps_per_print` default)
+  dsrun-z2-off / ds-z2-off / dsrun-z3-off  the same with `offload_optimizer: {device: cpu, pin_memory: true}`
+                        (DeepSpeed steps with its DeepSpeedCPUAdam); `-poff` (ZeRO-3) adds `offload_param`
+  fsdp2-off             fsdp2 (reshard) with `CPUOffloadPolicy(pin_memory=True)`, torch's fused CPU AdamW
   ds-z1 / ds-z2         DeepSpeed from PyPI with the same config (skipped when not importable)
   fsdp2 / fsdp2-noreshard  torch fully_shard per block, bf16 params, fp32 reduce, fused AdamW
   ddp                   torch DDP under bf16 autocast, fused AdamW
@@ -78,12 +81,17 @@ def worker(args):
             import dsrun as engine_lib
         else:
             import deepspeed as engine_lib
-        stage = int(mode.split("-")[1][-1])
+        stage = int(mode.split("-")[1][1])
         cfg = ds_config(stage, shape.micro_batch, world, torch_adam=mode.startswith("ds-"))
         if "-pg" in mode:
             cfg["zero_optimization"]["overlap_param_gather"] = True
         if "-nccl" in mode:
             cfg["zero_optimization"]["copy_engine_comm"] = False
+        if "-off" in mode or "-poff" in mode:  # CPU optimizer offload (DeepSpeed: its DeepSpeedCPUAdam)
+            cfg["optimizer"]["params"].pop("torch_adam", None)
+            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if "-poff" in mode:  # and ZeRO-3 parameter offload
+            cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": True}
         if "-nomon" in mode and mode.startswith("dsrun"):
             cfg["metrics"] = {"enabled": False}
             cfg["hang_watchdog"] = {"enabled": False}
@@ -127,18 +135,23 @@ def worker(args):
             if mode.startswith("fsdp2"):
                 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
                 mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
-                kw = {"reshard_after_forward": mode == "fsdp2"}
+                kw = {"reshard_after_forward": mode in ("fsdp2", "fsdp2-off")}
+                if mode == "fsdp2-off":
+                    from torch.distributed.fsdp import CPUOffloadPolicy
+                    kw["offload_policy"] = CPUOffloadPolicy(pin_memory=True)
                 if mp:
                     kw["mp_policy"] = mp
                 for block in model.layers:
                     fully_shard(block, **kw)
                 fully_shard(model, **kw)
-                model.to_empty(device=device)
+                # CPUOffloadPolicy: the sharded parameters live (and are initialised) on the host
+                model.to_empty(device="cpu" if mode == "fsdp2-off" else device)
                 torch.manual_seed(0)
                 model.init_weights()
                 net = model
             else:  # ddp
                 net = torch.nn.parallel.DistributedDataParallel(model.to(device), bucket_cap_mb=100)
+            # with CPUOffloadPolicy the parameters live on the host: torch's fused CPU AdamW steps them there
             opt = torch.optim.AdamW(net.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
             def train_step(tokens, targets, phase=None):

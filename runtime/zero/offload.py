@@ -64,13 +64,20 @@ def offload_kind(optimizer) -> str:
 
 
 def host_bytes_needed(owned_numel: int, *, local_ranks: int, state_elems: int = 2, param_bytes: int = 4,
-                      device_is_host: bool = False) -> int:
+                      device_is_host: bool = False, pipelined: bool = False) -> int:
     """Host bytes that optimizer offload allocates on one node: per local rank, fp32 masters
-    (4 B/element), `state_elems` fp32 states, an fp32 gradient buffer and, for 16-bit working weights on
-    an accelerator, a staging buffer of `param_bytes` per element. `owned_numel` is one rank's owned
-    elements (the whole model / data-parallel world size)."""
-    per_elem = 4 + 4 * state_elems + (0 if device_is_host else 4 + (param_bytes if param_bytes < 4 else 0))
-    return owned_numel * per_elem * local_ranks
+    (4 B/element) and `state_elems` fp32 states; on an accelerator also the copy buffers. With the
+    pipelined host step (fused CPU kernels, host_pipeline.py) those are a fixed ring of pinned chunks;
+    otherwise (another optimizer's own step) a whole fp32 gradient buffer. `owned_numel` is one rank's
+    owned elements (the whole model / data-parallel world size)."""
+    per_elem = 4 + 4 * state_elems
+    fixed = 0
+    if not device_is_host and pipelined:
+        from .host_pipeline import ring_bytes
+        fixed = ring_bytes(owned_numel, param_bytes)
+    elif not device_is_host:
+        per_elem += 4
+    return (owned_numel * per_elem + fixed) * local_ranks
 
 
 def check_host_budget(needed: int, available: int, *, local_ranks: int) -> None:
@@ -98,7 +105,8 @@ def check_layout_budget(layout, optimizer, *, device, param_dtype, available=Non
     owned = sum(b.own_end - b.own_start for b in layout.buckets)
     local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     available = psutil.virtual_memory().available if available is None else available
-    needed = host_bytes_needed(owned, local_ranks=local_ranks, state_elems=HOST_STATE_ELEMS[offload_kind(optimizer)],
+    kind = offload_kind(optimizer)
+    needed = host_bytes_needed(owned, local_ranks=local_ranks, state_elems=HOST_STATE_ELEMS[kind],
                                param_bytes=torch.finfo(param_dtype).bits // 8,
-                               device_is_host=torch.device(device).type == "cpu")
+                               device_is_host=torch.device(device).type == "cpu", pipelined=kind != "torch")
     check_host_budget(needed, available, local_ranks=local_ranks)

@@ -76,8 +76,11 @@ class ZeroOptimizer:
         if offload_pin is not None:  # optimizer offload (offload.py): masters on the host
             offload = {"targets": self._offload_targets(), "pin": offload_pin}
             if weights.device.type != "cpu":
-                from .offload import host_masters
-                self.masters, self.aliased, self._host_grads = host_masters(self.masters, pin=offload_pin), False, False
+                from .offload import host_masters, offload_kind
+                # the fused CPU kernels' step copies through its own pinned ring (host_pipeline.py): the
+                # masters need no pinning (pinning tens of GB is slow and may fail)
+                pin = offload_pin and offload_kind(optimizer) == "torch"
+                self.masters, self.aliased, self._host_grads = host_masters(self.masters, pin=pin), False, False
         # the optimizer sees master chunks only
         for g, group in enumerate(optimizer.param_groups):
             group["params"] = [self.masters[b.index] for b in layout.group_buckets(g)]

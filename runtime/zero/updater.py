@@ -140,6 +140,7 @@ class HostOffloadUpdater(_Updater):
         self.kind = offload_kind(optimizer)
         self._host_grads: Dict[int, torch.Tensor] = {}
         self._staging: Dict[int, torch.Tensor] = {}
+        self._pipeline = None  # HostStepPipeline, made at the first step on an accelerator
         from ..log import info_rank0, warn_once_rank0
         name = type(optimizer).__name__
         if self.kind == "adam" and type(optimizer).__module__.startswith("torch.optim"):
@@ -174,10 +175,13 @@ class HostOffloadUpdater(_Updater):
         return buf
 
     def step(self, coef, grads: List[torch.Tensor]) -> None:
-        coef = float(coef)  # the host reads the coefficient: the step runs here
         opt = self.optimizer
         by_bucket = {self.bucket_of_master[id(m)]: (g, m) for g, group in enumerate(opt.param_groups)
                      for m in group["params"]}
+        order = sorted(by_bucket, reverse=True)  # forward order: the last bucket holds the first layers
+        if self.kind != "torch" and self._pipeline_device(order, grads) is not None:
+            return self._pipelined_step(coef, grads, by_bucket, order)
+        coef = float(coef)  # the host reads the coefficient: the step runs here
         host = {b: self._host_grad(b, grads[b]) for b in by_bucket}
         if coef != 1.0:
             torch._foreach_mul_(list(host.values()), coef)
@@ -189,36 +193,70 @@ class HostOffloadUpdater(_Updater):
                 master.grad = None
             self.cast_and_publish()
             return
-        for b in sorted(by_bucket, reverse=True):  # forward order: the last bucket holds the first layers
+        for b in order:
             g, master = by_bucket[b]
             out = self._out(b)
             if master.numel():
-                self._kernel_step(master, host[b], opt.param_groups[g], out)
+                state = self._begin_state(master, opt.param_groups[g])
+                self._kernel_step(master, state, host[b], opt.param_groups[g], out)
             if out is not None and out is not self.targets[b]:
                 self.targets[b].copy_(out, non_blocking=True)
             self.weights.publish(b)
 
-    def _kernel_step(self, master, grad, group, out) -> None:
-        from dsrun.kernels import cpu_ops
+    def _pipeline_device(self, order, grads):
+        """The CUDA device when every bucket's gradient and update target is a flat tensor there (the
+        pipelined host step applies), else None."""
+        devs = {t.device for b in order for t in (grads[b], self.targets[b]) if t is not None}
+        if len(devs) != 1:
+            return None
+        dev = devs.pop()
+        flat = all(self.targets[b] is not None and self.targets[b].dim() == 1 and grads[b].dim() == 1
+                   and self.targets[b].numel() == grads[b].numel() for b in order)
+        return dev if dev.type == "cuda" and flat else None
+
+    def _pipelined_step(self, coef, grads, by_bucket, order) -> None:
+        """[Note: pipelined host step] (host_pipeline.py): the unscale-and-clip multiply on the device,
+        then the gradients down, the CPU step and the weights up, chunk by chunk, all overlapped."""
+        if self._pipeline is None:
+            from .host_pipeline import HostStepPipeline
+            self._pipeline = HostStepPipeline(grads[order[0]].device, pin=self.pin)
+        if torch.is_tensor(coef) or coef != 1.0:
+            torch._foreach_mul_([grads[b] for b in order], coef)
+        groups = self.optimizer.param_groups
+        states = {b: self._begin_state(m, groups[g]) for b, (g, m) in by_bucket.items() if m.numel()}
+
+        def step_chunk(b, lo, hi, grad, out):
+            g, master = by_bucket[b]
+            self._kernel_step(master, states[b], grad, groups[g], out, lo, hi)
+        self._pipeline.run(order, grads, self.targets, step_chunk, self.weights.publish)
+
+    def _begin_state(self, master, group) -> dict:
+        """The optimizer state of `master`, created on first use, its step count advanced for this step."""
         state = self.optimizer.state[master]
-        if self.kind == "adagrad":
-            if len(state) == 0:
-                state["step"] = 0
-                state["sum"] = torch.full_like(master, float(group["initial_accumulator_value"]))
-            state["step"] = int(state["step"]) + 1
-            cpu_ops.adagrad_step(master, grad, state["sum"], lr=float(group["lr"]), eps=group["eps"],
-                                 weight_decay=group["weight_decay"], out=out)
-            return
         if len(state) == 0:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(master)
-            state["exp_avg_sq"] = torch.zeros_like(master)
+            if self.kind == "adagrad":
+                state["sum"] = torch.full_like(master, float(group["initial_accumulator_value"]))
+            else:
+                state["exp_avg"] = torch.zeros_like(master)
+                state["exp_avg_sq"] = torch.zeros_like(master)
         state["step"] = int(state["step"]) + 1
+        return state
+
+    def _kernel_step(self, master, state, grad, group, out, lo: int = 0, hi: int = None) -> None:
+        """The fused CPU kernel on elements [lo, hi) of `master` (all by default); `grad` and `out` hold
+        just those elements."""
+        from dsrun.kernels import cpu_ops
+        hi = master.numel() if hi is None else hi
+        if self.kind == "adagrad":
+            cpu_ops.adagrad_step(master[lo:hi], grad, state["sum"][lo:hi], lr=float(group["lr"]), eps=group["eps"],
+                                 weight_decay=group["weight_decay"], out=out)
+            return
         beta1, beta2 = group["betas"]
         adamw = group.get("adamw_mode", group.get("decoupled_weight_decay", isinstance(self.optimizer,
                                                                                        torch.optim.AdamW)))
-        cpu_ops.adam_step(master, grad, state["exp_avg"], state["exp_avg_sq"], lr=float(group["lr"]),
-                          beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
+        cpu_ops.adam_step(master[lo:hi], grad, state["exp_avg"][lo:hi], state["exp_avg_sq"][lo:hi],
+                          lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                           weight_decay=group["weight_decay"], step=state["step"], adamw_mode=bool(adamw),
                           bias_correction=group.get("bias_correction", True), out=out)
 
