@@ -223,10 +223,12 @@ class HostOffloadUpdater(_Updater):
         if torch.is_tensor(coef) or coef != 1.0:
             torch._foreach_mul_([grads[b] for b in order], coef)
         groups = self.optimizer.param_groups
-        states = {b: self._begin_state(m, groups[g]) for b, (g, m) in by_bucket.items() if m.numel()}
+        states = {}
 
         def step_chunk(b, lo, hi, grad, out):
             g, master = by_bucket[b]
+            if lo == 0:  # a bucket's first chunk: its state is created or advanced once per step
+                states[b] = self._begin_state(master, groups[g])
             self._kernel_step(master, states[b], grad, groups[g], out, lo, hi)
         self._pipeline.run(order, grads, self.targets, step_chunk, self.weights.publish)
 
