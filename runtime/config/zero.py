@@ -210,9 +210,6 @@ class ZeroConfig(Section):
         if self.offload_optimizer is not None and self.offload_optimizer.ratio < 1.0 and self.stage != 3:
             raise ConfigError(f"partial offloading (ratio {self.offload_optimizer.ratio}) needs stage 3, "
                               f"but stage is {self.stage}", where=join(where, "offload_optimizer.ratio"))
-        if self.offload_optimizer is not None and self.offload_optimizer.ratio < 1.0 and self.offload_optimizer_device != "none":
-            warn_ignored(join(where, "offload_optimizer.ratio"), "dsrun offloads all of the optimizer state "
-                                                                 "(partial offload is not implemented: ratio 1.0)")
         if self.offload_param is not None and self.offload_param.device != "none" and self.stage != 3:
             warn_ignored(join(where, "offload_param"), f"parameters are only partitioned, and offloaded, at stage 3; "
                                                        f"stage is {self.stage}")

@@ -60,10 +60,12 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
                           copy_engines=copy_engines, transient=sharding.parameters)
     if sharding.parameters:
         weights.attach(reducer)
-    offload_pin = None
+    offload_pin, offload_ratio = None, 1.0
     if offload is not None and offload.optimizer.value == "cpu":
         from .offload import check_layout_budget
-        check_layout_budget(layout, optimizer, device=device, param_dtype=param_dtype)
+        offload_ratio = offload.ratio
+        check_layout_budget(layout, optimizer, device=device, param_dtype=param_dtype, ratio=offload_ratio)
         offload_pin = offload.pin_memory
     return ZeroOptimizer(module, optimizer, layout=layout, weights=weights, reducer=reducer, comm=comm,
-                         precision=precision, dtype_of=dtype_of, frozen=frozen, offload_pin=offload_pin)
+                         precision=precision, dtype_of=dtype_of, frozen=frozen, offload_pin=offload_pin,
+                         offload_ratio=offload_ratio)

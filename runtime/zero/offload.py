@@ -22,7 +22,8 @@ import torch
 
 from dsrun.errors import ConfigError
 
-__all__ = ["host_tensor", "host_bytes_needed", "check_host_budget", "offload_kind", "HOST_STATE_ELEMS"]
+__all__ = ["host_tensor", "host_bytes_needed", "check_host_budget", "offload_kind", "device_buckets",
+           "HOST_STATE_ELEMS"]
 
 # fp32 elements of optimizer state per parameter element, by optimizer kind (host budget)
 HOST_STATE_ELEMS = {"adam": 2, "adagrad": 1, "torch": 2}
@@ -96,16 +97,38 @@ def host_masters(masters: List[torch.Tensor], *, pin: bool) -> List[torch.Tensor
     return [host_tensor(m, pin=pin, dtype=torch.float32) for m in masters]
 
 
-def check_layout_budget(layout, optimizer, *, device, param_dtype, available=None, local_ranks=None) -> None:
+def device_buckets(layout, ratio: float) -> set:
+    """[Note: partial offload] The buckets whose masters and optimizer state stay on the accelerator when
+    `offload_optimizer.ratio` < 1: as DeepSpeed's stage 3 keeps its first (1 - ratio) sub-groups there,
+    the buckets holding the model's first parameters (the highest bucket indices: buckets are laid out in
+    backward order), while their elements stay within (1 - ratio) of the model's. Whole-bucket sizes, so
+    every rank picks the same buckets (publishing is collective and goes in the same order everywhere)."""
+    if ratio >= 1.0:
+        return set()
+    owned = [(b.index, b.end - b.start) for b in layout.buckets]
+    budget = (1.0 - ratio) * sum(n for _, n in owned)
+    keep, used = set(), 0
+    for b, n in sorted(owned, reverse=True):
+        if used + n > budget:
+            break
+        keep.add(b)
+        used += n
+    return keep
+
+
+def check_layout_budget(layout, optimizer, *, device, param_dtype, available=None, local_ranks=None,
+                        ratio: float = 1.0) -> None:
     """The budget check for one rank's `layout` (owned elements) and `optimizer`, before allocating:
-    all local ranks (LOCAL_WORLD_SIZE) together against psutil's available host memory."""
+    all local ranks (LOCAL_WORLD_SIZE) together against psutil's available host memory. With `ratio`
+    < 1 only the offloaded buckets count ([Note: partial offload])."""
     import os
 
     import psutil
-    owned = sum(b.own_end - b.own_start for b in layout.buckets)
+    kind = offload_kind(optimizer)
+    on_device = device_buckets(layout, ratio) if kind == "adam" and torch.device(device).type != "cpu" else set()
+    owned = sum(b.own_end - b.own_start for b in layout.buckets if b.index not in on_device)
     local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     available = psutil.virtual_memory().available if available is None else available
-    kind = offload_kind(optimizer)
     needed = host_bytes_needed(owned, local_ranks=local_ranks, state_elems=HOST_STATE_ELEMS[kind],
                                param_bytes=torch.finfo(param_dtype).bits // 8,
                                device_is_host=torch.device(device).type == "cpu", pipelined=kind != "torch")

@@ -64,7 +64,8 @@ class ZeroOptimizer:
     """The sharding strategy of ZeRO stages 0-3 (see the module doc)."""
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, layout: FlatLayout, weights,
-                 reducer: GradReducer, comm: Comm, precision, dtype_of, frozen, offload_pin=None):
+                 reducer: GradReducer, comm: Comm, precision, dtype_of, frozen, offload_pin=None,
+                 offload_ratio: float = 1.0):
         self.module, self.optimizer, self.comm = module, optimizer, comm
         self.layout, self.weights, self.reducer, self.frozen = layout, weights, reducer, frozen
         self.sharded = layout.sharded and comm.world_size > 1
@@ -74,13 +75,18 @@ class ZeroOptimizer:
         offload = None
         self._host_grads = True  # masters and reduced gradients on one device: grads attach as .grad
         if offload_pin is not None:  # optimizer offload (offload.py): masters on the host
-            offload = {"targets": self._offload_targets(), "pin": offload_pin}
+            offload = {"targets": self._offload_targets(), "pin": offload_pin, "on_device": set()}
             if weights.device.type != "cpu":
-                from .offload import host_masters, offload_kind
+                from .offload import device_buckets, host_masters, offload_kind
+                kind = offload_kind(optimizer)
+                # [Note: partial offload] (offload.py): with ratio < 1 some buckets keep device masters
+                keep = offload["on_device"] = device_buckets(layout, offload_ratio) if kind == "adam" else set()
                 # the fused CPU kernels' step copies through its own pinned ring (host_pipeline.py): the
                 # masters need no pinning (pinning tens of GB is slow and may fail)
-                pin = offload_pin and offload_kind(optimizer) == "torch"
-                self.masters, self.aliased, self._host_grads = host_masters(self.masters, pin=pin), False, False
+                host = host_masters([m for b, m in enumerate(self.masters) if b not in keep],
+                                    pin=offload_pin and kind == "torch")[::-1]
+                self.masters = [m if b in keep else host.pop() for b, m in enumerate(self.masters)]
+                self.aliased, self._host_grads = False, False
         # the optimizer sees master chunks only
         for g, group in enumerate(optimizer.param_groups):
             group["params"] = [self.masters[b.index] for b in layout.group_buckets(g)]

@@ -132,11 +132,13 @@ class HostOffloadUpdater(_Updater):
     shard when the master is the shard), None when the host master is itself the working chunk (fp32 on
     a CPU device)."""
 
-    def __init__(self, optimizer, *, weights, masters, aliased, bucket_of_master, targets, pin: bool):
+    def __init__(self, optimizer, *, weights, masters, aliased, bucket_of_master, targets, pin: bool,
+                 on_device=frozenset()):
         super().__init__(optimizer, weights=weights, masters=masters, aliased=aliased,
                          bucket_of_master=bucket_of_master)
         from .offload import offload_kind
         self.targets, self.pin = targets, pin
+        self.on_device = set(on_device)  # [Note: partial offload]: buckets stepped on the accelerator
         self.kind = offload_kind(optimizer)
         self._host_grads: Dict[int, torch.Tensor] = {}
         self._staging: Dict[int, torch.Tensor] = {}
@@ -220,9 +222,14 @@ class HostOffloadUpdater(_Updater):
         if self._pipeline is None:
             from .host_pipeline import HostStepPipeline
             self._pipeline = HostStepPipeline(grads[order[0]].device, pin=self.pin)
+        groups = self.optimizer.param_groups
+        for b in [b for b in order if b in self.on_device]:  # [Note: partial offload]: these first
+            g, master = by_bucket[b]
+            self._device_step(master, grads[b], groups[g], coef, self.targets[b])
+            self.weights.publish(b)
+        order = [b for b in order if b not in self.on_device]
         if torch.is_tensor(coef) or coef != 1.0:
             torch._foreach_mul_([grads[b] for b in order], coef)
-        groups = self.optimizer.param_groups
         states = {}
 
         def step_chunk(b, lo, hi, grad, out):
@@ -231,6 +238,23 @@ class HostOffloadUpdater(_Updater):
                 states[b] = self._begin_state(master, groups[g])
             self._kernel_step(master, states[b], grad, groups[g], out, lo, hi)
         self._pipeline.run(order, grads, self.targets, step_chunk, self.weights.publish)
+
+    def _device_step(self, master, grad, group, coef, target) -> None:
+        """A bucket kept on the accelerator: dsrun's fused Adam there, the coefficient inside the kernel."""
+        from dsrun.kernels.fused_adam import fused_adam_flat
+        if not master.numel():
+            return
+        state = self._begin_state(master, group)
+        beta1, beta2 = group["betas"]
+        out = None if target is None or target.data_ptr() == master.data_ptr() else target
+        fused_adam_flat(master, grad, state["exp_avg"], state["exp_avg_sq"], out, lr=float(group["lr"]),
+                        beta1=float(beta1), beta2=float(beta2), eps=group["eps"], weight_decay=group["weight_decay"],
+                        step=state["step"], adamw_mode=bool(self._adamw(group)),
+                        bias_correction=group.get("bias_correction", True), grad_scale=coef)
+
+    def _adamw(self, group) -> bool:
+        return group.get("adamw_mode", group.get("decoupled_weight_decay", isinstance(self.optimizer,
+                                                                                      torch.optim.AdamW)))
 
     def _begin_state(self, master, group) -> dict:
         """The optimizer state of `master`, created on first use, its step count advanced for this step."""
@@ -255,8 +279,7 @@ class HostOffloadUpdater(_Updater):
                                  weight_decay=group["weight_decay"], out=out)
             return
         beta1, beta2 = group["betas"]
-        adamw = group.get("adamw_mode", group.get("decoupled_weight_decay", isinstance(self.optimizer,
-                                                                                       torch.optim.AdamW)))
+        adamw = self._adamw(group)
         cpu_ops.adam_step(master[lo:hi], grad, state["exp_avg"][lo:hi], state["exp_avg_sq"][lo:hi],
                           lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=group["eps"],
                           weight_decay=group["weight_decay"], step=state["step"], adamw_mode=bool(adamw),
@@ -266,6 +289,6 @@ class HostOffloadUpdater(_Updater):
         """Host masters -> device working weights (cast), then publish every bucket."""
         for b in reversed(range(len(self.masters))):
             target = self.targets[b]
-            if target is not None:
+            if target is not None and target.data_ptr() != self.masters[b].data_ptr():
                 target.copy_(self.masters[b], non_blocking=target.device.type != "cpu")
             self.weights.publish(b)

@@ -305,6 +305,15 @@ def _cuda_cells(rank, world):
             assert engine.zero.updater._pipeline is not None
             out[stage, opt_name] = [v.cpu() for v in engine.module_state_dict().values()]
             engine.destroy()
+    # [Note: partial offload]: ratio 0.5 keeps the first layers' buckets (masters, Adam state) on the GPU
+    cfg = config(3, world)
+    cfg["zero_optimization"]["offload_optimizer"]["ratio"] = 0.5
+    engine, *_ = dsrun.initialize(model=make_model(), config=cfg)
+    devices = {m.device.type for m in engine.zero.masters}
+    assert devices == {"cuda", "cpu"}, devices
+    train(engine, rank, world, [(x.cuda(), y.cuda()) for x, y in make_data(world)])
+    out[3, "config-adamw", "ratio"] = [v.cpu() for v in engine.module_state_dict().values()]
+    engine.destroy()
     return out
 
 
@@ -317,3 +326,15 @@ def test_cuda_offload_pipelined_step_matches_pytorch():
         for per_rank in cells:
             for p, q in zip(per_rank[key], want):
                 torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_partial_offload_keeps_the_first_layers_buckets_on_the_device():
+    from types import SimpleNamespace as B
+
+    from dsrun.runtime.zero.offload import device_buckets
+    # buckets in backward order: index 3 holds the first layers
+    layout = B(buckets=[B(index=i, start=10 * i, end=10 * i + 10) for i in range(4)])
+    assert device_buckets(layout, 1.0) == set()
+    assert device_buckets(layout, 0.5) == {3, 2}
+    assert device_buckets(layout, 0.6) == {3}  # never more than (1 - ratio) of the elements
+    assert device_buckets(layout, 0.0) == {0, 1, 2, 3}
