@@ -29,7 +29,7 @@ from dsrun.errors import ConfigError
 
 from ..config.policies import torch_dtype
 from .p2p import StageP2P
-from .schedule import InferenceSchedule, TrainSchedule
+from .schedule import InferenceSchedule, InterleavedInferenceSchedule, InterleavedTrainSchedule, TrainSchedule
 
 __all__ = ["PipelineEngine", "PipelineError"]
 
@@ -50,6 +50,11 @@ class PipelineEngine:
         self.stage_id, self.num_stages = self.grid.get_stage_id(), model.num_stages
         self.dp_world_size = self.grid.get_data_parallel_world_size()
         self.micro_batches = config.gradient_accumulation_steps
+        self.num_chunks = model.num_chunks
+        if self.num_chunks > 1 and self.micro_batches % self.num_stages:
+            raise ConfigError(f"the interleaved schedule (num_chunks={self.num_chunks}) needs gradient_accumulation_steps "
+                              f"({self.micro_batches}) to be a multiple of the number of stages ({self.num_stages})",
+                              where="gradient_accumulation_steps")
         from ..dist import local_rank
         self.local_rank = local_rank()
         if torch.cuda.is_available():
@@ -76,14 +81,30 @@ class PipelineEngine:
         if self.training_dataloader is not None and (self.is_first_stage() or self.is_last_stage()):
             from ..utils import RepeatingLoader
             self.data_iterator = iter(RepeatingLoader(self.training_dataloader))
-        self.p2p = StageP2P(prev_rank=None if self.stage_id == 0 else self.grid.stage_to_global(self.stage_id - 1),
-                            next_rank=None if self.is_last_stage() else self.grid.stage_to_global(self.stage_id + 1),
-                            device=self.device, dynamic_shape=model.dynamic_shape)
+        self.p2p = self._build_p2p(model)
         self.global_steps = self.global_samples = self.micro_steps = 0
         self.agg_train_loss = self.agg_eval_loss = None
         self._batch_fn = None
         self._boundary = False
         self._clear_buffers()
+
+    def _build_p2p(self, model) -> StageP2P:
+        s, n = self.stage_id, self.num_stages
+        if self.num_chunks == 1:
+            return StageP2P(prev_rank=None if s == 0 else self.grid.stage_to_global(s - 1),
+                            next_rank=None if s == n - 1 else self.grid.stage_to_global(s + 1),
+                            device=self.device, dynamic_shape=model.dynamic_shape)
+        # one group per (kind, sending chunk), created by every rank in the same order ([Note: p2p channels])
+        groups = {(kind, c): dist.new_group(ranks=list(range(self.world_size)))
+                  for kind in ("act", "grad") for c in range(self.num_chunks)}
+        return StageP2P(prev_rank=self.grid.stage_to_global((s - 1) % n), next_rank=self.grid.stage_to_global((s + 1) % n),
+                        device=self.device, dynamic_shape=model.dynamic_shape, num_stages=n, stage_id=s, groups=groups)
+
+    def _first_virtual(self, ins) -> bool:
+        return self.stage_id == 0 and ins.chunk == 0
+
+    def _last_virtual(self, ins) -> bool:
+        return self.is_last_stage() and ins.chunk == self.num_chunks - 1
 
     @staticmethod
     def _check_supported(config) -> None:
@@ -179,7 +200,10 @@ class PipelineEngine:
             self.set_dataiterator(data_iter)
         self.module.train()
         self._kind, self._compute_loss = "train", True
-        self._run(TrainSchedule(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id))
+        if self.num_chunks > 1:
+            self._run(InterleavedTrainSchedule(self.micro_batches, self.num_stages, self.stage_id, self.num_chunks))
+        else:
+            self._run(TrainSchedule(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id))
         self.agg_train_loss = self._aggregate_loss(self.micro_batches)
         self._clear_buffers()
         return self.agg_train_loss
@@ -197,8 +221,12 @@ class PipelineEngine:
         self._kind, self._compute_loss = "eval", compute_loss
         try:
             with torch.no_grad():
-                self._run(InferenceSchedule(micro_batches=micro_batches, stages=self.num_stages,
-                                            stage_id=self.stage_id))
+                if self.num_chunks > 1:
+                    self._run(InterleavedInferenceSchedule(micro_batches, self.num_stages, self.stage_id,
+                                                           self.num_chunks))
+                else:
+                    self._run(InferenceSchedule(micro_batches=micro_batches, stages=self.num_stages,
+                                                stage_id=self.stage_id))
             if compute_loss and reduce_output is None:
                 loss = [self._losses_done.get(mb) for mb in range(micro_batches)] if self.is_last_stage() else None
             elif compute_loss:
@@ -239,9 +267,12 @@ class PipelineEngine:
 
     def _run(self, schedule) -> None:
         self._clear_buffers()
-        for step in schedule.steps():
-            for ins in step:
-                _DISPATCH[ins.op](self, ins)
+        try:
+            for step in schedule.steps():
+                for ins in step:
+                    _DISPATCH[ins.op](self, ins)
+        finally:
+            self.p2p.wait_sends()
 
     def _to_device(self, obj):
         if torch.is_tensor(obj):
@@ -259,17 +290,17 @@ class PipelineEngine:
             batch = self._batch_fn(batch)
         if not isinstance(batch, (tuple, list)) or len(batch) != 2:
             raise PipelineError("each batch from the data iterator must be a pair (inputs, labels)")
-        if self.is_first_stage():
-            self._inputs[ins.micro_batch] = self._to_device(batch[0])
-        if self.is_last_stage():
+        if self._first_virtual(ins):
+            self._inputs[(ins.micro_batch, 0)] = self._to_device(batch[0])
+        if self._last_virtual(ins):
             self._labels[ins.micro_batch] = self._to_device(batch[1])
 
     def _forward(self, ins) -> None:
-        mb = ins.micro_batch
-        inputs = self._inputs[mb] if self._kind == "train" else self._inputs.pop(mb)  # train: kept for backward
-        outputs = self.module(inputs)
-        if not self.is_last_stage():
-            self._outputs[mb] = outputs
+        mb, key = ins.micro_batch, (ins.micro_batch, ins.chunk)
+        inputs = self._inputs[key] if self._kind == "train" else self._inputs.pop(key)  # train: kept for backward
+        outputs = self.module(inputs, chunk=ins.chunk) if self.num_chunks > 1 else self.module(inputs)
+        if not self._last_virtual(ins):
+            self._outputs[key] = outputs
             return
         if self._kind == "eval":
             self._last_outputs = outputs
@@ -283,31 +314,31 @@ class PipelineEngine:
             self._losses_done[mb] = loss.detach()
 
     def _backward(self, ins) -> None:
-        mb = ins.micro_batch
-        if self.is_last_stage():
-            (self._losses.pop(mb).float() / self.micro_batches).backward()
+        key = (ins.micro_batch, ins.chunk)
+        if self._last_virtual(ins):
+            (self._losses.pop(ins.micro_batch).float() / self.micro_batches).backward()
         else:
-            outputs = self._outputs.pop(mb)
+            outputs = self._outputs.pop(key)
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            pairs = [(o, g) for o, g in zip(outputs, self._grads.pop(mb)) if g is not None]
+            pairs = [(o, g) for o, g in zip(outputs, self._grads.pop(key)) if g is not None]
             torch.autograd.backward([o for o, _ in pairs], grad_tensors=[g for _, g in pairs])
-        if self.is_first_stage():
-            self._inputs.pop(mb)
+        if self._first_virtual(ins):
+            self._inputs.pop(key)
 
     def _send_activations(self, ins) -> None:
-        out = self._outputs[ins.micro_batch]
-        self.p2p.send_activations(out, self._kind)
+        key = (ins.micro_batch, ins.chunk)
+        self.p2p.send_activations(self._outputs[key], self._kind, ins.chunk)
         if self._kind == "eval":
-            del self._outputs[ins.micro_batch]
+            del self._outputs[key]
 
     def _recv_activations(self, ins) -> None:
-        self._inputs[ins.micro_batch] = self.p2p.recv_activations(self._kind)
+        self._inputs[(ins.micro_batch, ins.chunk)] = self.p2p.recv_activations(self._kind, ins.chunk)
 
     def _send_grads(self, ins) -> None:
-        self.p2p.send_grads(self._inputs.pop(ins.micro_batch))
+        self.p2p.send_grads(self._inputs.pop((ins.micro_batch, ins.chunk)), ins.chunk)
 
     def _recv_grads(self, ins) -> None:
-        self._grads[ins.micro_batch] = self.p2p.recv_grads()
+        self._grads[(ins.micro_batch, ins.chunk)] = self.p2p.recv_grads(ins.chunk)
 
     def _reduce_tied(self, ins) -> None:
         self.stage_optimizer.reduce_tied()

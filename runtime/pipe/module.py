@@ -83,6 +83,9 @@ class PipelineModule(torch.nn.Module):
         activation_checkpoint_interval: run every group of that many local layers under
             `activation_checkpoint_func` (0: off); groups without parameters are not checkpointed unless
             `checkpointable_layers` (class names) says so.
+        num_chunks: dsrun's interleaved pipeline (Megatron's virtual stages): the layers are split into
+            num_stages * num_chunks parts and stage s holds parts s, s + num_stages, ...; the engine then
+            runs the interleaved 1F1B schedule (schedule.py). 1 (default) is DeepSpeed's layout.
     Raises:
         RuntimeError: neither num_stages nor topology, or the world does not divide into the stages
             (DeepSpeed's messages); NotImplementedError for a nested PipelineModule.
@@ -92,7 +95,8 @@ class PipelineModule(torch.nn.Module):
                  loss_fn: Optional[Callable] = None, seed_layers: bool = False, seed_fn: Optional[Callable] = None,
                  base_seed: int = 1234, partition_method: str = "parameters", activation_checkpoint_interval: int = 0,
                  activation_checkpoint_func: Callable = _default_checkpoint,
-                 checkpointable_layers: Optional[List[str]] = None, dynamic_shape: bool = False):
+                 checkpointable_layers: Optional[List[str]] = None, dynamic_shape: bool = False,
+                 num_chunks: int = 1):
         super().__init__()
         if num_stages is None and topology is None:
             raise RuntimeError("must provide num_stages or topology")
@@ -124,8 +128,17 @@ class PipelineModule(torch.nn.Module):
         self.world_size = world
         self.micro_offset = 0
         self.partition_method = partition_method
-        self.parts = plan_partition(partition_method, self._layer_infos(), self.num_stages)
-        self._local_start, self._local_stop = self.parts[self.stage_id], self.parts[self.stage_id + 1]
+        if num_chunks < 1:
+            raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+        self.num_chunks = num_chunks
+        self.parts = plan_partition(partition_method, self._layer_infos(), self.num_stages * num_chunks)
+        # per local chunk c (virtual stage c * num_stages + stage_id): its global layer indices
+        self._chunk_layers = [list(range(self.parts[c * self.num_stages + self.stage_id],
+                                         self.parts[c * self.num_stages + self.stage_id + 1]))
+                              for c in range(num_chunks)]
+        self._local_indices = [idx for chunk in self._chunk_layers for idx in chunk]
+        self._local_start = self._local_indices[0] if self._local_indices else self.parts[self.stage_id]
+        self._local_stop = self._local_indices[-1] + 1 if self._local_indices else self._local_start
         self.forward_funcs: List[Callable] = []
         self.tied_modules = torch.nn.ModuleDict()
         self.tied_weight_attrs: Dict[str, List[str]] = {}
@@ -153,7 +166,7 @@ class PipelineModule(torch.nn.Module):
         (self.seed_fn or torch.manual_seed)(seed)
 
     def _build(self) -> None:
-        for idx in range(self._local_start, self._local_stop):
+        for idx in self._local_indices:
             layer = self._layer_specs[idx]
             if self.seed_layers:
                 self._seed(self.base_seed + idx)
@@ -179,8 +192,7 @@ class PipelineModule(torch.nn.Module):
         stages: Dict[str, set] = {}
         for idx, layer in enumerate(self._layer_specs):
             if isinstance(layer, TiedLayerSpec):
-                stage = next(s for s in range(self.num_stages) if self.parts[s] <= idx < self.parts[s + 1])
-                stages.setdefault(layer.key, set()).add(stage)
+                stages.setdefault(layer.key, set()).add(self.stage_owner(idx))
         return {key: sorted(v) for key, v in stages.items()}
 
     def _index_tied_modules(self) -> Dict[str, dict]:
@@ -239,7 +251,7 @@ class PipelineModule(torch.nn.Module):
             x = inputs[0] if len(inputs) == 1 else inputs
             for i in range(start, end):
                 if self.seed_layers:
-                    self._seed(self.base_seed * offset + self._local_start + i)
+                    self._seed(self.base_seed * offset + self._local_indices[i])
                 x = self.forward_funcs[i](x)
             return x
         return run
@@ -249,14 +261,16 @@ class PipelineModule(torch.nn.Module):
             return all(type(f).__name__ in self.checkpointable_layers for f in funcs)
         return any(isinstance(f, torch.nn.Module) and next(f.parameters(), None) is not None for f in funcs)
 
-    def forward(self, forward_input):
-        """This stage's layers in order, grouped under activation checkpointing when an interval is set."""
+    def forward(self, forward_input, chunk: int = 0):
+        """This stage's layers (of model chunk `chunk`) in order, grouped under activation checkpointing
+        when an interval is set."""
         self.micro_offset += 1
-        n = len(self.forward_funcs)
+        first = sum(len(c) for c in self._chunk_layers[:chunk])
+        n = first + len(self._chunk_layers[chunk])
         if self.activation_checkpoint_interval <= 0:
-            return self._exec_range(0, n)(forward_input)
+            return self._exec_range(first, n)(forward_input)
         x = forward_input
-        for start in range(0, n, self.activation_checkpoint_interval):
+        for start in range(first, n, self.activation_checkpoint_interval):
             end = min(start + self.activation_checkpoint_interval, n)
             x = x if isinstance(x, tuple) else (x,)
             run = self._exec_range(start, end)
@@ -279,15 +293,15 @@ class PipelineModule(torch.nn.Module):
 
     def stage_owner(self, layer_idx: int) -> int:
         """The stage holding layer `layer_idx`."""
-        for stage in range(self.num_stages):
-            if self.parts[stage] <= layer_idx < self.parts[stage + 1]:
-                return stage
+        for part in range(len(self.parts) - 1):
+            if self.parts[part] <= layer_idx < self.parts[part + 1]:
+                return part % self.num_stages
         raise RuntimeError(f"layer {layer_idx} is not in any stage (layers: {len(self._layer_specs)})")
 
     def local_layers(self):
         """(global layer index, module or None) for each layer of this stage; a tied layer's module is the
         shared tied module, a plain callable's is None."""
-        for idx in range(self._local_start, self._local_stop):
+        for idx in self._local_indices:
             layer = self._layer_specs[idx]
             if isinstance(layer, TiedLayerSpec):
                 yield idx, self.tied_modules[layer.key]

@@ -17,7 +17,7 @@ each pair of ranks matches.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -65,58 +65,93 @@ class TensorMeta:
 
 
 class StageP2P:
-    """The sends and receives of one stage to its neighbours `prev_rank` / `next_rank` (global ranks,
-    None at the ends of the pipeline)."""
+    """The sends and receives of one stage (global ranks `prev_rank` / `next_rank` of the stages before and
+    after it; with model chunks they wrap around the ring, else None at the ends of the pipeline).
 
-    def __init__(self, *, prev_rank, next_rank, device: torch.device, dynamic_shape: bool = False):
+    [Note: p2p channels] Lock-step schedules (1F1B, inference: `ordered=False`) use blocking sends on the
+    default group. The interleaved schedule is ordered, not lock-stepped: it is deadlock-free only if a
+    send never waits for its receive (simulate.py's model), and between the same two ranks it carries
+    activations and gradients of several chunks whose sends and receives interleave differently on the
+    two sides. So there each (kind, sending chunk) pair has its own process group (`groups`), in which
+    messages match in order, and sends are `isend`s completed by `wait_sends()` at the end of the batch.
+    Separate groups also keep NCCL from serialising one channel's send behind another's receive.
+    """
+
+    def __init__(self, *, prev_rank, next_rank, device: torch.device, dynamic_shape: bool = False,
+                 num_stages: int = 1, stage_id: int = 0, groups: Optional[Dict[Tuple[str, int], object]] = None):
         self.prev_rank, self.next_rank, self.device = prev_rank, next_rank, device
         self.dynamic_shape = dynamic_shape
-        self._sent: Dict[str, TensorMeta] = {}  # kind -> meta of what this stage sends forward
-        self._received: Dict[str, TensorMeta] = {}  # kind -> meta of what it receives
+        self.num_stages, self.stage_id = num_stages, stage_id
+        self.groups = groups or {}
+        self.ordered = bool(groups)
+        self._pending: List = []
+        self._sent: Dict[tuple, TensorMeta] = {}  # (kind, chunk) -> meta of what that chunk sends forward
+        self._received: Dict[tuple, TensorMeta] = {}  # (kind, chunk) -> meta of what that chunk receives
 
     def reset(self) -> None:
         """Forget cached meta (both neighbours must reset too: call on every rank)."""
         self._sent.clear()
         self._received.clear()
 
-    def send_activations(self, msg: Message, kind: str) -> None:
-        if kind not in self._sent or self.dynamic_shape:
-            meta = TensorMeta.of(msg)
-            dist.send(torch.tensor(meta.encode(), dtype=torch.int64, device=self.device), self.next_rank)
-            self._sent[kind] = meta
-        for t in (msg if isinstance(msg, tuple) else (msg,)):
-            dist.send(t.detach().contiguous(), self.next_rank)
+    def _chunk_of(self, virtual: int) -> int:
+        return virtual // self.num_stages
 
-    def recv_activations(self, kind: str) -> Message:
-        if kind not in self._received or self.dynamic_shape:
+    def _send(self, t: torch.Tensor, dst: int, channel: Tuple[str, int]) -> None:
+        if self.ordered:
+            self._pending.append((dist.isend(t, dst, group=self.groups[channel]), t))
+        else:
+            dist.send(t, dst)
+
+    def _recv(self, t: torch.Tensor, src: int, channel: Tuple[str, int]) -> None:
+        dist.recv(t, src, group=self.groups.get(channel))
+
+    def wait_sends(self) -> None:
+        """Complete every outstanding send (ordered mode; a no-op otherwise)."""
+        for work, _ in self._pending:
+            work.wait()
+        self._pending = []
+
+    def send_activations(self, msg: Message, kind: str, chunk: int = 0) -> None:
+        channel = ("act", chunk)
+        if (kind, chunk) not in self._sent or self.dynamic_shape:
+            meta = TensorMeta.of(msg)
+            self._send(torch.tensor(meta.encode(), dtype=torch.int64, device=self.device), self.next_rank, channel)
+            self._sent[(kind, chunk)] = meta
+        for t in (msg if isinstance(msg, tuple) else (msg,)):
+            self._send(t.detach().contiguous(), self.next_rank, channel)
+
+    def recv_activations(self, kind: str, chunk: int = 0) -> Message:
+        channel = ("act", self._chunk_of(chunk * self.num_stages + self.stage_id - 1))
+        if (kind, chunk) not in self._received or self.dynamic_shape:
             words = torch.zeros(_MAX_META, dtype=torch.int64, device=self.device)
-            dist.recv(words, self.prev_rank)
-            self._received[kind] = TensorMeta.decode(words.tolist())
-        meta = self._received[kind]
+            self._recv(words, self.prev_rank, channel)
+            self._received[(kind, chunk)] = TensorMeta.decode(words.tolist())
+        meta = self._received[(kind, chunk)]
         out = []
         for shape, dtype, requires_grad in meta.specs:
             t = torch.empty(shape, dtype=dtype, device=self.device)
-            dist.recv(t, self.prev_rank)
+            self._recv(t, self.prev_rank, channel)
             out.append(t.requires_grad_(requires_grad and kind == "train"))
         return tuple(out) if meta.as_tuple else out[0]
 
-    def send_grads(self, inputs: Message) -> None:
+    def send_grads(self, inputs: Message, chunk: int = 0) -> None:
         """The gradients of the received `inputs` that carry one (per the received meta), to prev."""
-        meta = self._received["train"]
+        meta = self._received[("train", chunk)]
         tensors = inputs if isinstance(inputs, tuple) else (inputs,)
         for t, (_, _, requires_grad) in zip(tensors, meta.specs):
             if requires_grad:
                 grad = t.grad if t.grad is not None else torch.zeros_like(t)
-                dist.send(grad.contiguous(), self.prev_rank)
+                self._send(grad.contiguous(), self.prev_rank, ("grad", chunk))
 
-    def recv_grads(self) -> List:
-        """Gradients for this stage's sent outputs, in order; None where the output carries none."""
-        meta = self._sent["train"]
+    def recv_grads(self, chunk: int = 0) -> List:
+        """Gradients for this chunk's sent outputs, in order; None where the output carries none."""
+        channel = ("grad", self._chunk_of(chunk * self.num_stages + self.stage_id + 1))
+        meta = self._sent[("train", chunk)]
         grads = []
         for shape, dtype, requires_grad in meta.specs:
             if requires_grad:
                 g = torch.empty(shape, dtype=dtype, device=self.device)
-                dist.recv(g, self.next_rank)
+                self._recv(g, self.next_rank, channel)
                 grads.append(g)
             else:
                 grads.append(None)

@@ -114,8 +114,9 @@ def make_engine(specs, num_stages, dp, micro_batches, **kw):
     from dsrun.pipe import PipelineModule
     partition = kw.pop("partition_method", "uniform")
     interval = kw.pop("activation_checkpoint_interval", 0)
+    chunks = kw.pop("num_chunks", 1)
     model = PipelineModule(specs, num_stages=num_stages, loss_fn=F.mse_loss, seed_layers=True, base_seed=BASE_SEED,
-                           partition_method=partition, activation_checkpoint_interval=interval)
+                           partition_method=partition, activation_checkpoint_interval=interval, num_chunks=chunks)
     engine, *_ = dsrun.initialize(model=model, optimizer=lambda ps: torch.optim.Adam(ps, lr=LR),
                                   config=pipe_config(dp, micro_batches, **kw))
     return engine

@@ -107,6 +107,11 @@ def _world2(rank, world, ckpt_dir):
     engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4)
     path, client = engine.load_checkpoint(ckpt_dir)
     out["reload"] = (pc.train_steps(engine, data[2:]), pc.stage_weights(engine), client, engine.global_steps)
+    engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4, num_chunks=2)  # interleaved: virtual stages 0,2 | 1,3
+    losses = pc.train_steps(engine, data[:1])
+    eval_loss = engine.eval_batch(iter(data[0][0])).item()
+    losses += pc.train_steps(engine, data[1:])
+    out["interleaved"] = (losses, pc.stage_weights(engine), eval_loss, engine.module.parts)
     engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4, bf16=True)
     engine.set_batch_fn(lambda batch: tuple(t.to(torch.bfloat16) for t in batch))  # inputs are never cast
     out["bf16"] = (pc.train_steps(engine, data), {n: p.dtype for n, p in engine.module.named_parameters()})
@@ -169,6 +174,28 @@ def test_two_stages_train_eval_train_with_activation_checkpointing(world2):
     for r in world2:
         assert r["two"][2] == pytest.approx(ref_eval[0], rel=1e-5)
     assert [r["two"][3] for r in world2] == [False, True]  # logits on the last stage only
+
+
+def test_interleaved_train_eval_train_matches_sequential(world2):
+    ref_losses, ref_weights, ref_eval = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4), eval_after={0})
+    _assert_losses(world2, "interleaved", ref_losses)
+    _assert_close(_merged(world2, "interleaved"), ref_weights)
+    for r in world2:
+        assert r["interleaved"][2] == pytest.approx(ref_eval[0], rel=1e-5)
+    assert world2[0]["interleaved"][3] == [0, 2, 4, 6, 7]
+
+
+def test_interleaved_inference_schedule_forwards_in_train_order():
+    from dsrun.runtime.pipe.schedule import InterleavedInferenceSchedule, InterleavedTrainSchedule
+    from dsrun.runtime.pipe.simulate import simulate
+    assert InterleavedInferenceSchedule(4, 2, 0, 2).compact() == "F0.0 F1.0 F0.1 F1.1 F2.0 F3.0 F2.1 F3.1"
+    assert str(InterleavedInferenceSchedule(2, 2, 1, 2)) == "rA0 F0 sA0 | rA1 F1 sA1 | rA0 L0 F0 | rA1 L1 F1"
+    for stages, chunks, micro_batches in [(2, 2, 4), (4, 2, 8), (3, 3, 6)]:
+        train = [InterleavedTrainSchedule(micro_batches, stages, s, chunks) for s in range(stages)]
+        infer = [InterleavedInferenceSchedule(micro_batches, stages, s, chunks) for s in range(stages)]
+        simulate(infer)  # no deadlock, every send received in order
+        for t, i in zip(train, infer):
+            assert [x for x in t.instructions() if x.op == "F"] == [x for x in i.instructions() if x.op == "F"]
 
 
 def test_tied_layers_match_sequential(world2):
