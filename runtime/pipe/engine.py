@@ -97,8 +97,10 @@ class PipelineEngine:
         # one group per (kind, sending chunk), created by every rank in the same order ([Note: p2p channels])
         groups = {(kind, c): dist.new_group(ranks=list(range(self.world_size)))
                   for kind in ("act", "grad") for c in range(self.num_chunks)}
-        return StageP2P(prev_rank=self.grid.stage_to_global((s - 1) % n), next_rank=self.grid.stage_to_global((s + 1) % n),
-                        device=self.device, dynamic_shape=model.dynamic_shape, num_stages=n, stage_id=s, groups=groups)
+        p2p = StageP2P(prev_rank=self.grid.stage_to_global((s - 1) % n), next_rank=self.grid.stage_to_global((s + 1) % n),
+                       device=self.device, dynamic_shape=model.dynamic_shape, num_stages=n, stage_id=s, groups=groups)
+        p2p.connect()
+        return p2p
 
     def _first_virtual(self, ins) -> bool:
         return self.stage_id == 0 and ins.chunk == 0

@@ -88,6 +88,19 @@ class StageP2P:
         self._sent: Dict[tuple, TensorMeta] = {}  # (kind, chunk) -> meta of what that chunk sends forward
         self._received: Dict[tuple, TensorMeta] = {}  # (kind, chunk) -> meta of what that chunk receives
 
+    def connect(self) -> None:
+        """Ordered mode: exchange one element on every channel with both ring neighbours, as one batched
+        send/receive per channel and in the same channel order on every rank. NCCL creates a pair's
+        communicator at its first use and that creation blocks until the peer arrives: a first use in the
+        middle of the schedule would make that one send blocking ([Note: p2p channels])."""
+        for channel in sorted(self.groups):
+            out = torch.zeros(1, device=self.device)
+            into = torch.zeros(1, device=self.device)
+            ops = [dist.P2POp(dist.isend, out, self.next_rank, self.groups[channel]),
+                   dist.P2POp(dist.irecv, into, self.prev_rank, self.groups[channel])]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
     def reset(self) -> None:
         """Forget cached meta (both neighbours must reset too: call on every rank)."""
         self._sent.clear()
