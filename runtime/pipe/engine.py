@@ -206,16 +206,23 @@ class PipelineEngine:
             self._run(InterleavedTrainSchedule(self.micro_batches, self.num_stages, self.stage_id, self.num_chunks))
         else:
             self._run(TrainSchedule(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id))
-        self.agg_train_loss = self._aggregate_loss(self.micro_batches)
+        # mean over micro-batches and data-parallel ranks, from the last stage to every rank (as DeepSpeed)
+        self.agg_train_loss = self._from_last_stage(
+            self._average([self._total_loss / self.micro_batches]) if self.is_last_stage() else None)
         self._clear_buffers()
         return self.agg_train_loss
 
     def eval_batch(self, data_iter, return_logits: bool = False, compute_loss: bool = True, reduce_output="avg",
                    bcast_loss: bool = True, num_micro_batches: Optional[int] = None):
         """Forward `num_micro_batches` (default gradient_accumulation_steps) micro-batches from `data_iter`
-        without gradients. Returns the loss (mean over micro-batches and data-parallel ranks with
-        reduce_output='avg', the per-micro-batch list with None; on every rank with bcast_loss), and with
-        return_logits `(loss, outputs)` where outputs (last stage only, else None) are the last micro-batch's."""
+        without gradients (DeepSpeed's semantics). Per micro-batch the last stage keeps the loss, or the
+        outputs when `compute_loss` is False or there is no loss_fn; `reduce_output='avg'` averages them
+        over micro-batches and data-parallel ranks, None returns the list. With `compute_loss` and
+        `bcast_loss` the averaged loss is returned on every rank, otherwise on the last stage (None
+        elsewhere). `return_logits` returns `(result, outputs)`, outputs being the last micro-batch's on
+        the last stage. The train iterator and the module's train/eval mode are restored afterwards."""
+        if reduce_output is not None and reduce_output.lower() != "avg":
+            raise NotImplementedError(f"reduction type {reduce_output} not supported.")
         micro_batches = num_micro_batches or self.micro_batches
         saved_iter, saved_mode = self.data_iterator, self.module.training
         self.set_dataiterator(data_iter)
@@ -229,36 +236,40 @@ class PipelineEngine:
                 else:
                     self._run(InferenceSchedule(micro_batches=micro_batches, stages=self.num_stages,
                                                 stage_id=self.stage_id))
-            if compute_loss and reduce_output is None:
-                loss = [self._losses_done.get(mb) for mb in range(micro_batches)] if self.is_last_stage() else None
-            elif compute_loss:
-                loss = self._aggregate_loss(micro_batches, broadcast=bcast_loss)
-            else:
-                loss = None
+            result = None
+            if self.is_last_stage():
+                values = [self._losses_done[mb] for mb in range(micro_batches)]
+                result = values if reduce_output is None else self._average(values)
+            if compute_loss and bcast_loss and reduce_output is not None:
+                result = self._from_last_stage(result)
             outputs = self._last_outputs if self.is_last_stage() else None
         finally:
             self.data_iterator = saved_iter
             self.module.train(saved_mode)
             self._clear_buffers()
-        self.agg_eval_loss = loss
-        if return_logits:
-            return loss, outputs
-        return loss if compute_loss else outputs
+        self.agg_eval_loss = result
+        return (result, outputs) if return_logits else result
 
-    def _aggregate_loss(self, micro_batches: int, broadcast: bool = True) -> torch.Tensor:
-        """Mean loss over micro-batches and the data-parallel group on the last stage, broadcast over the
-        pipe group."""
-        if self.is_last_stage():
-            loss = (self._total_loss / micro_batches).float().reshape(())
-            if self.dp_world_size > 1:
-                dist.all_reduce(loss, group=self.grid.get_data_parallel_group())
-                loss /= self.dp_world_size
-        else:
-            loss = torch.zeros((), dtype=torch.float32, device=self.device)
-        if broadcast and self.num_stages > 1:
-            dist.broadcast(loss, src=self.grid.stage_to_global(self.num_stages - 1),
-                           group=self.grid.get_pipe_parallel_group())
-        return loss
+    def _average(self, values):
+        """Mean over micro-batches, then over the data-parallel group (tensors, or tuples of tensors)."""
+        if not torch.is_tensor(values[0]):
+            return [self._average([v[i] for v in values]) for i in range(len(values[0]))]
+        mean = sum(v.float() for v in values) / len(values)
+        if self.dp_world_size > 1:
+            dist.all_reduce(mean, group=self.grid.get_data_parallel_group())
+            mean /= self.dp_world_size
+        return mean
+
+    def _from_last_stage(self, value) -> torch.Tensor:
+        """The last stage's 0-dim float tensor on every rank of the pipe group."""
+        if self.num_stages == 1:
+            return value
+        if not self.is_last_stage():
+            value = torch.zeros((), dtype=torch.float32, device=self.device)
+        value = value.float().reshape(())
+        dist.broadcast(value, src=self.grid.stage_to_global(self.num_stages - 1),
+                       group=self.grid.get_pipe_parallel_group())
+        return value
 
     # -- the schedule interpreter ------------------------------------------------------------------------
 
@@ -304,16 +315,14 @@ class PipelineEngine:
         if not self._last_virtual(ins):
             self._outputs[key] = outputs
             return
-        if self._kind == "eval":
-            self._last_outputs = outputs
-        if not self._compute_loss:
-            return
-        loss = self.module.loss_fn(outputs, self._labels.pop(mb)) if self.module.loss_fn is not None else outputs
-        self._total_loss += loss.detach().float()
+        use_loss_fn = self._compute_loss and self.module.loss_fn is not None
+        loss = self.module.loss_fn(outputs, self._labels.pop(mb)) if use_loss_fn else outputs
         if self._kind == "train":
+            self._total_loss += loss.detach().float()
             self._losses[mb] = loss
         else:
-            self._losses_done[mb] = loss.detach()
+            self._last_outputs = outputs
+            self._losses_done[mb] = loss.detach() if torch.is_tensor(loss) else tuple(t.detach() for t in loss)
 
     def _backward(self, ins) -> None:
         key = (ins.micro_batch, ins.chunk)

@@ -17,6 +17,8 @@ from _dist import run_ranks  # noqa: E402
 import pipe_cases as pc  # noqa: E402
 
 import dsrun  # noqa: E402,F401  (imported before the ranks fork)
+from dsrun.errors import ConfigError  # noqa: E402
+from dsrun.runtime.pipe.engine import PipelineError  # noqa: E402
 from dsrun.runtime.pipe.p2p import TensorMeta  # noqa: E402
 from dsrun.runtime.pipe.partition import LayerInfo, partition_balanced, partition_uniform, plan_partition  # noqa: E402
 from dsrun.runtime.pipe.stage_optimizer import assign_owners  # noqa: E402
@@ -88,7 +90,9 @@ def _world4(rank, world, ckpt_dir):
     # a second PipelineModule in the same job: 2 stages x 2 data-parallel ranks, ZeRO-1
     data = pc.batches(STEPS, 2, 2)
     engine = pc.make_engine(pc.mlp_specs(), 2, 2, 2, zero_stage=1, partition_method="parameters")
-    out["2x2"] = (pc.train_steps(engine, data), pc.stage_weights(engine), engine.get_global_grad_norm())
+    out["2x2"] = (pc.train_steps(engine, data), pc.stage_weights(engine), engine.get_global_grad_norm(),
+                  sum(v.numel() for st in engine.optimizer.state.values() for v in st.values() if v.dim() > 0),
+                  sum(p.numel() for p in engine.module.parameters()))
     return out
 
 
@@ -99,8 +103,17 @@ def _world2(rank, world, ckpt_dir):
     losses = pc.train_steps(engine, data[:1])
     eval_loss = engine.eval_batch(iter(data[0][0])).item()
     eval_logits = engine.eval_batch(iter(data[0][0]), return_logits=True)[1]
+    per_mb = engine.eval_batch(iter(data[0][0]), reduce_output=None)
+    mean_out = engine.eval_batch(iter(data[0][0]), compute_loss=False)
     losses += pc.train_steps(engine, data[1:])
     out["two"] = (losses, pc.stage_weights(engine), eval_loss, eval_logits is not None)
+    out["eval_forms"] = (None if per_mb is None else [t.item() for t in per_mb],
+                         None if mean_out is None else tuple(mean_out.shape))
+    with pytest.raises(PipelineError, match="Only train_batch"):
+        engine(data[0][0][0][0])
+    for bad, where in (({"zero_stage": 2}, "zero_optimization.stage"), ({"bf16": False, "fp16": True}, "fp16")):
+        with pytest.raises(ConfigError, match=where):
+            pc.make_engine(pc.mlp_specs(), 2, 1, 4, **bad)
     tied_data = pc.batches(STEPS, 1, 2)
     engine = pc.make_engine(pc.tied_specs(), 2, 1, 2)
     out["tied"] = (pc.train_steps(engine, tied_data), pc.stage_weights(engine), engine.get_global_grad_norm())
@@ -165,6 +178,9 @@ def test_two_by_two_zero1_matches_sequential(world4):
     _assert_losses(world4, "2x2", ref_losses)
     _assert_close(_merged(world4, "2x2"), ref_weights)
     assert world4[0]["2x2"][2] > pc.CLIP
+    for stage in (0, 1):  # ZeRO-1: the two data-parallel ranks of a stage split its Adam state (2 per element)
+        (_, _, _, state_a, numel), (_, _, _, state_b, _) = (world4[2 * stage]["2x2"], world4[2 * stage + 1]["2x2"])
+        assert state_a + state_b == 2 * numel and 0 < state_a < 2 * numel
 
 
 def test_two_stages_train_eval_train_with_activation_checkpointing(world2):
@@ -174,6 +190,9 @@ def test_two_stages_train_eval_train_with_activation_checkpointing(world2):
     for r in world2:
         assert r["two"][2] == pytest.approx(ref_eval[0], rel=1e-5)
     assert [r["two"][3] for r in world2] == [False, True]  # logits on the last stage only
+    per_mb, mean_out = world2[1]["eval_forms"]  # DeepSpeed's forms, last stage only
+    assert len(per_mb) == 4 and sum(per_mb) / 4 == pytest.approx(ref_eval[0], rel=1e-5)
+    assert mean_out == (pc.MICRO, pc.WIDTH) and world2[0]["eval_forms"] == (None, None)
 
 
 def test_interleaved_train_eval_train_matches_sequential(world2):
