@@ -125,6 +125,9 @@ def _world2(rank, world, ckpt_dir):
     eval_loss = engine.eval_batch(iter(data[0][0])).item()
     losses += pc.train_steps(engine, data[1:])
     out["interleaved"] = (losses, pc.stage_weights(engine), eval_loss, engine.module.parts)
+    one_data = pc.batches(STEPS, 2, 2)
+    engine = pc.make_engine(pc.mlp_specs(), 1, 2, 2)  # one stage, two data-parallel ranks
+    out["one"] = (pc.train_steps(engine, one_data), pc.stage_weights(engine))
     engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4, bf16=True)
     engine.set_batch_fn(lambda batch: tuple(t.to(torch.bfloat16) for t in batch))  # inputs are never cast
     out["bf16"] = (pc.train_steps(engine, data), {n: p.dtype for n, p in engine.module.named_parameters()})
@@ -217,6 +220,13 @@ def test_interleaved_inference_schedule_forwards_in_train_order():
             assert [x for x in t.instructions() if x.op == "F"] == [x for x in i.instructions() if x.op == "F"]
 
 
+def test_one_stage_data_parallel_matches_sequential(world2):
+    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 2, 2))
+    _assert_losses(world2, "one", ref_losses)
+    for r in world2:
+        _assert_close(r["one"][1], ref_weights)
+
+
 def test_tied_layers_match_sequential(world2):
     ref_losses, ref_weights, _ = pc.reference_run(pc.tied_specs(), pc.batches(STEPS, 1, 2))
     _assert_losses(world2, "tied", ref_losses)
@@ -245,3 +255,46 @@ def test_bf16_trains_with_fp32_accumulation(world2):
         losses, dtypes = r["bf16"]
         assert losses == pytest.approx(ref_losses, rel=2e-2)
         assert set(dtypes.values()) == {torch.bfloat16}
+
+
+TRAIN_SCRIPT = """
+import argparse
+import torch
+import dsrun
+from dsrun.pipe import LayerSpec, PipelineModule
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--local_rank", type=int, default=0)
+dsrun.add_config_arguments(parser)
+args = parser.parse_args()
+g = torch.Generator().manual_seed(0)
+data = [(torch.randn(8, generator=g), torch.randn(3, generator=g)) for _ in range(32)]
+model = PipelineModule([LayerSpec(torch.nn.Linear, 8, 16), torch.nn.Tanh(), LayerSpec(torch.nn.Linear, 16, 3)],
+                       num_stages=2, loss_fn=torch.nn.functional.mse_loss, partition_method="uniform")
+engine, optimizer, loader, _ = dsrun.initialize(args=args, model=model, training_data=data)
+losses = [engine.train_batch().item() for _ in range(3)]
+evaluated = engine.eval_batch(iter(loader)).item()
+print(f"rank {engine.global_rank} stage {engine.stage_id} steps {engine.global_steps} losses {losses} eval {evaluated:.6f}",
+      flush=True)
+"""
+
+
+def test_pipeline_through_the_launcher(tmp_path):
+    """initialize(args=...) with a config file, training_data, the config's optimizer, on ranks started
+    by dsrun itself; every rank reports the same losses."""
+    import json
+    import re
+    import subprocess
+    (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
+    (tmp_path / "ds.json").write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "hang_watchdog": {"enabled": False}}))
+    env = {k: v for k, v in os.environ.items() if k != "DS_ENV_FILE"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", "train.py",
+                           "--deepspeed_config", "ds.json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reports = re.findall(r"rank (\d) stage (\d) steps 3 losses (\[.*?\]) eval (\S+)", done.stdout)
+    assert sorted((r, s) for r, s, _, _ in reports) == [("0", "0"), ("1", "1")], done.stdout
+    assert reports[0][2:] == reports[1][2:]
