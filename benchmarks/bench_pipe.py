@@ -33,6 +33,10 @@ from b3_model import Block, ModelShape, RMSNorm, rope_tables  # noqa: E402
 
 TINY = ModelShape(dim=64, layers=4, heads=4, ffn=128, vocab=256, seq=32, micro_batch=2)
 _ROPE = {}
+# Balance blocks and the LM head (about a block and a half of compute with its fp32 cross-entropy) over the
+# stages; the embedding is nearly free. Both engines get the same method (DeepSpeed has 'type:' too).
+PARTITION = "type:BlockPipe|HeadPipe"
+PARTS = {}  # contender -> layer boundaries it used, reported with the table
 
 
 class EmbedPipe(nn.Module):
@@ -155,8 +159,9 @@ def run_dsrun(s, m, chunks, steps, device):
     import dsrun
     from dsrun.pipe import LayerSpec, PipelineModule
     torch.manual_seed(0)
-    model = PipelineModule(layer_specs(LayerSpec, s), num_stages=2, loss_fn=lm_loss, partition_method="type:BlockPipe",
+    model = PipelineModule(layer_specs(LayerSpec, s), num_stages=2, loss_fn=lm_loss, partition_method=PARTITION,
                            num_chunks=chunks)
+    PARTS["dsrun-interleaved" if chunks > 1 else "dsrun-1f1b"] = list(model.parts)
     cfg = dict(pipe_config(s, m), hang_watchdog={"enabled": False})
     engine, *_ = dsrun.initialize(model=model, optimizer=lambda ps: make_optimizer(ps, device), config=cfg)
     data = batches(s, device)
@@ -171,7 +176,8 @@ def run_deepspeed(s, m, steps, device):
     from deepspeed.pipe import LayerSpec, PipelineModule
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(0)
-    model = PipelineModule(layer_specs(LayerSpec, s), num_stages=2, loss_fn=lm_loss, partition_method="type:BlockPipe")
+    model = PipelineModule(layer_specs(LayerSpec, s), num_stages=2, loss_fn=lm_loss, partition_method=PARTITION)
+    PARTS["deepspeed-1f1b"] = list(model.parts)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       optimizer=lambda ps: make_optimizer(ps, device), config=pipe_config(s, m))
     data = batches(s, device)
@@ -257,7 +263,9 @@ def report(args, shape, rows, base, device, have_ds):
         f"- command: `{cmd.strip()}`",
         f"- model: d={shape.dim} L={shape.layers} H={shape.heads} ffn={shape.ffn} V={shape.vocab} seq={shape.seq} "
         f"micro-batch {shape.micro_batch}; bf16 weights, fp32 masters, AdamW, clipping 1.0; median of {args.steps} "
-        f"batches after 2 warm-up", "",
+        f"batches after 2 warm-up",
+        f"- partition `{PARTITION}` (layer 0 embedding, 1..{shape.layers} blocks, {shape.layers + 1} head); boundaries: "
+        + "; ".join(f"{k} {v}" for k, v in PARTS.items()), "",
         *lines, ""])
     print(text, flush=True)
     if args.results:
