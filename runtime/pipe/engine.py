@@ -94,11 +94,10 @@ class PipelineEngine:
             return StageP2P(prev_rank=None if s == 0 else self.grid.stage_to_global(s - 1),
                             next_rank=None if s == n - 1 else self.grid.stage_to_global(s + 1),
                             device=self.device, dynamic_shape=model.dynamic_shape)
-        # one group per (kind, sending chunk), created by every rank in the same order ([Note: p2p channels])
-        groups = {(kind, c): dist.new_group(ranks=list(range(self.world_size)))
-                  for kind in ("act", "grad") for c in range(self.num_chunks)}
+        from .p2p import channel_groups
         p2p = StageP2P(prev_rank=self.grid.stage_to_global((s - 1) % n), next_rank=self.grid.stage_to_global((s + 1) % n),
-                       device=self.device, dynamic_shape=model.dynamic_shape, num_stages=n, stage_id=s, groups=groups)
+                       device=self.device, dynamic_shape=model.dynamic_shape, num_stages=n, stage_id=s,
+                       groups=channel_groups(self.grid, self.num_chunks))
         p2p.connect()
         return p2p
 

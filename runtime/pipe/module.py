@@ -128,8 +128,9 @@ class PipelineModule(torch.nn.Module):
         self.world_size = world
         self.micro_offset = 0
         self.partition_method = partition_method
-        if num_chunks < 1:
-            raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+        if num_chunks < 1 or (num_chunks > 1 and self.num_stages < 2):
+            raise ValueError(f"num_chunks must be >= 1, and 1 with a single stage; got {num_chunks} with "
+                             f"{self.num_stages} stage(s)")
         self.num_chunks = num_chunks
         self.parts = plan_partition(partition_method, self._layer_infos(), self.num_stages * num_chunks)
         # per local chunk c (virtual stage c * num_stages + stage_id): its global layer indices

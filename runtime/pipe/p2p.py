@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
-__all__ = ["StageP2P", "TensorMeta"]
+__all__ = ["StageP2P", "TensorMeta", "channel_groups"]
 
 Message = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
@@ -70,11 +70,13 @@ class StageP2P:
 
     [Note: p2p channels] Lock-step schedules (1F1B, inference: `ordered=False`) use blocking sends on the
     default group. The interleaved schedule is ordered, not lock-stepped: it is deadlock-free only if a
-    send never waits for its receive (simulate.py's model), and between the same two ranks it carries
-    activations and gradients of several chunks whose sends and receives interleave differently on the
-    two sides. So there each (kind, sending chunk) pair has its own process group (`groups`), in which
-    messages match in order, and sends are `isend`s completed by `wait_sends()` at the end of the batch.
-    Separate groups also keep NCCL from serialising one channel's send behind another's receive.
+    send never waits for its receive (simulate.py's model, where each sending virtual stage has its own
+    channel). Between the same two ranks it carries activations and gradients of several chunks, in
+    both directions (with 2 stages, virtual stage 1 sends back to stage 0), whose sends and receives
+    interleave differently on the two sides. So each channel (kind, sending virtual stage) gets its own
+    two-rank process group (`channel_groups`), in which messages match in order, and sends are `isend`s
+    completed by `wait_sends()` at the end of the batch. On NCCL a group's pair shares one stream: two
+    directions in one group could each wait for a receive queued behind the other's send.
     """
 
     def __init__(self, *, prev_rank, next_rank, device: torch.device, dynamic_shape: bool = False,
@@ -89,25 +91,24 @@ class StageP2P:
         self._received: Dict[tuple, TensorMeta] = {}  # (kind, chunk) -> meta of what that chunk receives
 
     def connect(self) -> None:
-        """Ordered mode: exchange one element on every channel with both ring neighbours, as one batched
-        send/receive per channel and in the same channel order on every rank. NCCL creates a pair's
-        communicator at its first use and that creation blocks until the peer arrives: a first use in the
-        middle of the schedule would make that one send blocking ([Note: p2p channels])."""
-        for channel in sorted(self.groups):
-            out = torch.zeros(1, device=self.device)
-            into = torch.zeros(1, device=self.device)
-            ops = [dist.P2POp(dist.isend, out, self.next_rank, self.groups[channel]),
-                   dist.P2POp(dist.irecv, into, self.prev_rank, self.groups[channel])]
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+        """Ordered mode: one blocking exchange of a single element on each of this rank's channels, in the
+        channels' sorted order (the same relative order on both ranks of every channel, so the rendezvous
+        cannot deadlock). NCCL creates a pair's communicator at its first use and that creation blocks
+        until the peer arrives: a first use in the middle of the schedule would be a blocking send."""
+        for (kind, sender), group in sorted(self.groups.items()):
+            flag = torch.zeros(1, device=self.device)
+            if sender % self.num_stages == self.stage_id:
+                dist.send(flag, self.next_rank if kind == "act" else self.prev_rank, group=group)
+            else:
+                dist.recv(flag, self.prev_rank if kind == "act" else self.next_rank, group=group)
 
     def reset(self) -> None:
         """Forget cached meta (both neighbours must reset too: call on every rank)."""
         self._sent.clear()
         self._received.clear()
 
-    def _chunk_of(self, virtual: int) -> int:
-        return virtual // self.num_stages
+    def _virtual(self, chunk: int) -> int:
+        return chunk * self.num_stages + self.stage_id
 
     def _send(self, t: torch.Tensor, dst: int, channel: Tuple[str, int]) -> None:
         if self.ordered:
@@ -125,7 +126,7 @@ class StageP2P:
         self._pending = []
 
     def send_activations(self, msg: Message, kind: str, chunk: int = 0) -> None:
-        channel = ("act", chunk)
+        channel = ("act", self._virtual(chunk))
         if (kind, chunk) not in self._sent or self.dynamic_shape:
             meta = TensorMeta.of(msg)
             self._send(torch.tensor(meta.encode(), dtype=torch.int64, device=self.device), self.next_rank, channel)
@@ -134,7 +135,7 @@ class StageP2P:
             self._send(t.detach().contiguous(), self.next_rank, channel)
 
     def recv_activations(self, kind: str, chunk: int = 0) -> Message:
-        channel = ("act", self._chunk_of(chunk * self.num_stages + self.stage_id - 1))
+        channel = ("act", self._virtual(chunk) - 1)
         if (kind, chunk) not in self._received or self.dynamic_shape:
             words = torch.zeros(_MAX_META, dtype=torch.int64, device=self.device)
             self._recv(words, self.prev_rank, channel)
@@ -154,11 +155,11 @@ class StageP2P:
         for t, (_, _, requires_grad) in zip(tensors, meta.specs):
             if requires_grad:
                 grad = t.grad if t.grad is not None else torch.zeros_like(t)
-                self._send(grad.contiguous(), self.prev_rank, ("grad", chunk))
+                self._send(grad.contiguous(), self.prev_rank, ("grad", self._virtual(chunk)))
 
     def recv_grads(self, chunk: int = 0) -> List:
         """Gradients for this chunk's sent outputs, in order; None where the output carries none."""
-        channel = ("grad", self._chunk_of(chunk * self.num_stages + self.stage_id + 1))
+        channel = ("grad", self._virtual(chunk) + 1)
         meta = self._sent[("train", chunk)]
         grads = []
         for shape, dtype, requires_grad in meta.specs:
@@ -169,3 +170,24 @@ class StageP2P:
             else:
                 grads.append(None)
         return grads
+
+
+def channel_groups(grid, num_chunks: int) -> Dict[Tuple[str, int], object]:
+    """This rank's two-rank groups of the interleaved schedule, keyed by (kind, sending virtual stage)
+    ([Note: p2p channels]). Collective: every rank creates every group of every data-parallel replica, in
+    one order ([Note: deterministic group creation] in topology.py)."""
+    stages = grid.get_pipe_parallel_world_size()
+    topo = grid.topology
+    data = [{"data": d} for d in range(topo.get_dim("data"))] if "data" in topo.get_axis_names() else [{}]
+    mine = {}
+    for kind, step in (("act", 1), ("grad", -1)):
+        for sender in range(stages * num_chunks):
+            receiver = sender + step
+            if not 0 <= receiver < stages * num_chunks:
+                continue
+            for coord in data:
+                ranks = [topo.get_rank(pipe=sender % stages, **coord), topo.get_rank(pipe=receiver % stages, **coord)]
+                group = dist.new_group(ranks=sorted(ranks))
+                if grid.global_rank in ranks:
+                    mine[(kind, sender)] = group
+    return mine

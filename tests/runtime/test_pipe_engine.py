@@ -93,6 +93,8 @@ def _world4(rank, world, ckpt_dir):
     out["2x2"] = (pc.train_steps(engine, data), pc.stage_weights(engine), engine.get_global_grad_norm(),
                   sum(v.numel() for st in engine.optimizer.state.values() for v in st.values() if v.dim() > 0),
                   sum(p.numel() for p in engine.module.parameters()))
+    engine = pc.make_engine(pc.mlp_specs(), 2, 2, 2, num_chunks=2)  # interleaved with data parallelism
+    out["2x2-interleaved"] = (pc.train_steps(engine, data), pc.stage_weights(engine))
     return out
 
 
@@ -184,6 +186,12 @@ def test_two_by_two_zero1_matches_sequential(world4):
     for stage in (0, 1):  # ZeRO-1: the two data-parallel ranks of a stage split its Adam state (2 per element)
         (_, _, _, state_a, numel), (_, _, _, state_b, _) = (world4[2 * stage]["2x2"], world4[2 * stage + 1]["2x2"])
         assert state_a + state_b == 2 * numel and 0 < state_a < 2 * numel
+
+
+def test_two_by_two_interleaved_matches_sequential(world4):
+    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 2, 2))
+    _assert_losses(world4, "2x2-interleaved", ref_losses)
+    _assert_close(_merged(world4, "2x2-interleaved"), ref_weights)
 
 
 def test_two_stages_train_eval_train_with_activation_checkpointing(world2):
