@@ -134,7 +134,7 @@ class StageOptimizer:
         """[Note: pipeline global norm]."""
         grads = [g for p, g in zip(self.params, self._all_grads()) if not self.module.is_tied_replica(p)]
         device = self.params[0].device if self.params else torch.device("cpu")
-        sq = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else \
+        sq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum() if grads else \
             torch.zeros((), device=device)
         if self.grid.get_pipe_parallel_world_size() > 1:
             dist.all_reduce(sq, group=self.grid.get_pipe_parallel_group())
