@@ -132,7 +132,8 @@ class PipelineModule(torch.nn.Module):
             raise ValueError(f"num_chunks must be >= 1, and 1 with a single stage; got {num_chunks} with "
                              f"{self.num_stages} stage(s)")
         self.num_chunks = num_chunks
-        self.parts = plan_partition(partition_method, self._layer_infos(), self.num_stages * num_chunks)
+        infos = self._layer_infos(count_params=partition_method.lower() == "parameters")
+        self.parts = plan_partition(partition_method, infos, self.num_stages * num_chunks)
         # per local chunk c (virtual stage c * num_stages + stage_id): its global layer indices
         self._chunk_layers = [list(range(self.parts[c * self.num_stages + self.stage_id],
                                          self.parts[c * self.num_stages + self.stage_id + 1]))
@@ -148,15 +149,14 @@ class PipelineModule(torch.nn.Module):
 
     # -- construction --------------------------------------------------------------------------------
 
-    def _layer_infos(self) -> List[LayerInfo]:
-        """Class name and trainable parameter count of every layer; LayerSpecs are built on the meta
-        device to count (no memory, no initialisation cost)."""
+    def _layer_infos(self, count_params: bool) -> List[LayerInfo]:
+        """Class name of every layer and, when `count_params`, its trainable parameter count. LayerSpecs are
+        counted by building them on the meta device (no memory, no initialisation); a layer that cannot be
+        built there is built normally and dropped."""
         infos = []
         for layer in self._layer_specs:
             if isinstance(layer, LayerSpec):
-                with torch.device("meta"):
-                    module = layer.build()
-                infos.append(LayerInfo(layer.typename.__name__, _trainable_numel(module)))
+                infos.append(LayerInfo(layer.typename.__name__, _spec_numel(layer) if count_params else 0))
             elif isinstance(layer, torch.nn.Module):
                 infos.append(LayerInfo(type(layer).__name__, _trainable_numel(layer)))
             else:
@@ -317,3 +317,11 @@ class PipelineModule(torch.nn.Module):
 
 def _trainable_numel(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _spec_numel(spec: LayerSpec) -> int:
+    try:
+        with torch.device("meta"):
+            return _trainable_numel(spec.build())
+    except Exception:  # a layer whose constructor needs real tensors (reads data, calls .item(), ...)
+        return _trainable_numel(spec.build())

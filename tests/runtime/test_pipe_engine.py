@@ -176,6 +176,8 @@ def test_four_stages_match_sequential(world4):
     _assert_losses(world4, "four", ref_losses)
     _assert_close(_merged(world4, "four"), ref_weights)
     assert world4[0]["four"][2] > pc.CLIP  # clipping was active
+    held = [set(r["four"][1]) for r in world4]  # each rank built only its own stage's layers
+    assert sum(len(h) for h in held) == len(set().union(*held)) == len(ref_weights)
 
 
 def test_two_by_two_zero1_matches_sequential(world4):
