@@ -16,7 +16,7 @@ missing DeepSpeed is an error; with --tiny it is skipped.
 """
 import argparse
 import datetime
-import math
+import gc
 import os
 import statistics
 import sys
@@ -94,6 +94,13 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def release(device):
+    """Free the previous contender's memory before the next one builds (reference cycles included)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def timed(run_batch, steps, device):
     """Median seconds of `run_batch()` over `steps` batches after 2 warm-up batches; and the last loss."""
     import torch.distributed as dist
@@ -135,7 +142,6 @@ def run_unpipelined(s, m, steps, device):
         return total
 
     seconds, loss = timed(batch, steps, device)
-    del layers, masters, opt
     return m * s.micro_batch * s.seq / seconds, loss
 
 
@@ -167,7 +173,6 @@ def run_dsrun(s, m, chunks, steps, device):
     data = batches(s, device)
     seconds, loss = timed(lambda: engine.train_batch(data), steps, device)
     engine.destroy()
-    del engine, model
     return m * s.micro_batch * s.seq / seconds / 2, loss
 
 
@@ -182,7 +187,6 @@ def run_deepspeed(s, m, steps, device):
                                       optimizer=lambda ps: make_optimizer(ps, device), config=pipe_config(s, m))
     data = batches(s, device)
     seconds, loss = timed(lambda: engine.train_batch(data), steps, device)
-    del engine, model
     return m * s.micro_batch * s.seq / seconds / 2, loss
 
 
@@ -219,17 +223,18 @@ def main():
     rows, base = [], {}
     for m in ms:
         rate, loss = run_unpipelined(shape, m, args.steps, device)
+        release(device)
         base[m] = rate
         rows.append(("unpipelined", m, rate, loss, None))
         for name, chunks in (("dsrun-1f1b", 1), ("dsrun-interleaved", 2)):
             rate, loss = run_dsrun(shape, m, chunks, args.steps, device)
+            release(device)
             rows.append((name, m, rate, loss, chunks))
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     if have_ds:
         m = args.deepspeed_m
         if m not in base:
             base[m] = run_unpipelined(shape, m, args.steps, device)[0]
+            release(device)
         rate, loss = run_deepspeed(shape, m, args.steps, device)
         rows.append(("deepspeed-1f1b", m, rate, loss, 1))
     if dist.get_rank() == 0:
