@@ -41,6 +41,34 @@ def tied_specs():
             TiedLayerSpec("embed", torch.nn.Linear, WIDTH, WIDTH, bias=False, forward_fn=_transposed)]
 
 
+class Pack(torch.nn.Module):
+    """x -> (x, a float mask that needs no gradient, an int64 tensor): what crosses stages as a tuple."""
+
+    def forward(self, x):
+        return x, (x > 0).float(), torch.arange(x.shape[0])
+
+
+class MaskedLinear(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, inputs):
+        x, mask, rows = inputs
+        return torch.tanh(self.lin(x)) * (1 + mask), mask, rows
+
+
+class Unpack(torch.nn.Module):
+    def forward(self, inputs):
+        x, _, rows = inputs
+        return x + rows.float()[:, None] * 0.01
+
+
+def tuple_specs():
+    return [LayerSpec(Pack), LayerSpec(MaskedLinear), LayerSpec(MaskedLinear), LayerSpec(MaskedLinear),
+            LayerSpec(Unpack)]
+
+
 def build_reference(specs):
     """The layers as one model, each built under seed BASE_SEED + index (as seed_layers=True does); a
     tied key's module is built at its first layer. Returns (list of callables, {name: param}) with

@@ -127,6 +127,8 @@ def _world2(rank, world, ckpt_dir):
     eval_loss = engine.eval_batch(iter(data[0][0])).item()
     losses += pc.train_steps(engine, data[1:])
     out["interleaved"] = (losses, pc.stage_weights(engine), eval_loss, engine.module.parts)
+    engine = pc.make_engine(pc.tuple_specs(), 2, 1, 2)  # tuples between stages: float no-grad and int64 parts
+    out["tuple"] = (pc.train_steps(engine, tied_data), pc.stage_weights(engine))
     one_data = pc.batches(STEPS, 2, 2)
     engine = pc.make_engine(pc.mlp_specs(), 1, 2, 2)  # one stage, two data-parallel ranks
     out["one"] = (pc.train_steps(engine, one_data), pc.stage_weights(engine))
@@ -235,6 +237,12 @@ def test_one_stage_data_parallel_matches_sequential(world2):
     _assert_losses(world2, "one", ref_losses)
     for r in world2:
         _assert_close(r["one"][1], ref_weights)
+
+
+def test_tuple_activations_match_sequential(world2):
+    ref_losses, ref_weights, _ = pc.reference_run(pc.tuple_specs(), pc.batches(STEPS, 1, 2))
+    _assert_losses(world2, "tuple", ref_losses)
+    _assert_close(_merged(world2, "tuple"), ref_weights)
 
 
 def test_tied_layers_match_sequential(world2):
