@@ -85,11 +85,22 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, tra
     if not dist.is_initialized():
         raise ConfigError("torch.distributed is not initialised and dist_init_required=False",
                           where="initialize(dist_init_required=...)", hint="initialise it first or drop the flag")
-    dp_group = mpu.get_data_parallel_group() if mpu is not None else None
+    from .pipe.module import PipelineModule
+    pipeline = isinstance(model, PipelineModule)
+    if pipeline and mpu is not None:
+        raise ConfigError("a PipelineModule brings its own process grid; do not pass mpu as well",
+                          where="initialize(mpu=...)", hint="drop mpu=")
+    grid = model.mpu() if pipeline else mpu
+    dp_group = grid.get_data_parallel_group() if grid is not None else None
     dp_world = dist.get_world_size(dp_group)
     from .config import load_config
     cfg = load_config(source, world_size=dp_world)
     _check_same_config(cfg)
+    if pipeline:  # DeepSpeed's PipelineEngine (runtime/pipe/engine.py)
+        from .pipe.engine import PipelineEngine
+        engine = PipelineEngine(model=model, config=cfg, optimizer=optimizer, model_parameters=model_parameters,
+                                lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn)
+        return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
     from .engine import Engine
     engine = Engine(model=model, config=cfg, optimizer=optimizer, model_parameters=model_parameters,
                     lr_scheduler=lr_scheduler, training_data=training_data, collate_fn=collate_fn, dp_group=dp_group)

@@ -1,11 +1,23 @@
-"""Pipeline parallelism: DeepSpeed's `deepspeed.pipe`, importable as `dsrun.pipe`.
+"""Pipeline parallelism: DeepSpeed's `deepspeed.pipe`, importable as `dsrun.pipe` (docs/pipeline.md).
 
-What exists: the schedules as data (`schedule`: TrainSchedule, InferenceSchedule,
-InterleavedTrainSchedule) and the layer descriptions (`LayerSpec`, `TiedLayerSpec`). The pipeline engine
-does not: `PipelineModule(...)` raises NotImplementedError (docs/pipeline.md).
+Modules, one concept each: `module` (LayerSpec, TiedLayerSpec, PipelineModule), `partition` (which layers
+each stage holds; pure), `topology` (process grids and their groups), `schedule` (schedules as data) and
+`simulate` (running them against each other without tensors), `p2p` (activations and gradients between
+stages), `stage_optimizer` (tied and data-parallel reductions, global-norm clipping, ZeRO-1), `engine`
+(PipelineEngine: train_batch/eval_batch interpret the schedules), `checkpoint` (per-layer files).
 """
 from .module import LayerSpec, PipelineModule, TiedLayerSpec
-from .schedule import InferenceSchedule, Instruction, InterleavedTrainSchedule, PipeSchedule, TrainSchedule
+from .schedule import (InferenceSchedule, Instruction, InterleavedInferenceSchedule, InterleavedTrainSchedule,
+                       PipeSchedule, TrainSchedule)
+from .topology import PipeDataParallelTopology, PipeModelDataParallelTopology, ProcessTopology
 
 __all__ = ["LayerSpec", "TiedLayerSpec", "PipelineModule", "PipeSchedule", "TrainSchedule", "InferenceSchedule",
-           "InterleavedTrainSchedule", "Instruction"]
+           "InterleavedTrainSchedule", "InterleavedInferenceSchedule", "Instruction", "ProcessTopology",
+           "PipeDataParallelTopology", "PipeModelDataParallelTopology"]
+
+
+def __getattr__(name):
+    if name in ("PipelineEngine", "PipelineError"):  # imported on use: the engine pulls in the runtime
+        from . import engine
+        return getattr(engine, name)
+    raise AttributeError(f"module 'dsrun.pipe' has no attribute {name!r}")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
 __all__ = ["Instruction", "PipeSchedule", "TrainSchedule", "InferenceSchedule", "InterleavedTrainSchedule",
-           "COMPUTE_OPS", "STEP_OPS"]
+           "InterleavedInferenceSchedule", "COMPUTE_OPS", "STEP_OPS"]
 
 COMPUTE_OPS = ("F", "B")
 STEP_OPS = ("RT", "RG", "OPT")
@@ -217,3 +217,13 @@ class InterleavedTrainSchedule(PipeSchedule):
         def text(i):
             return str(i) if self.chunks == 1 or i.micro_batch is None else f"{i}.{i.chunk}"
         return " ".join(text(i) for i in self.instructions() if i.op in COMPUTE_OPS + STEP_OPS)
+
+
+class InterleavedInferenceSchedule(InterleavedTrainSchedule):
+    """Forward-only interleaved schedule (evaluation of a model split into chunks): the forwards of
+    InterleavedTrainSchedule in the same order, with their loads and activation exchanges, nothing else."""
+
+    def steps(self):
+        for ins in self.compute_order():
+            if ins.op == "F":
+                yield self._with_comm(ins)

@@ -1,0 +1,404 @@
+"""PipelineEngine: what `dsrun.initialize(model=PipelineModule(...))` returns (DeepSpeed's PipelineEngine).
+
+    loss = engine.train_batch(data_iter)          # gradient_accumulation_steps micro-batches, one step
+    loss = engine.eval_batch(data_iter)           # forward only; any sequence of train and eval calls works
+
+A batch is a schedule (schedule.py: instructions as data) run by `_run`, which dispatches each
+instruction on its op through `_DISPATCH`: the engine has no state machine beyond the buffers of the
+batch in flight, which start empty and end empty, so train and eval batches interleave freely.
+Buffers are keyed by micro-batch id (the schedules bound how many are alive at once).
+
+Composition order ([Note: composition order] in runtime/compose.py, applied to the stage's module):
+placement on the device, tied weights synchronised from their lowest stage, the optimizer (the client's
+or the config's), precision and ZeRO-1 (stage_optimizer.py), the scheduler, the data loader over the
+data-parallel group. Gradient all-reduce over the data-parallel group, tied-weight reduction and the
+global-norm clipping are the schedule's RT, RG and OPT instructions.
+
+Loss: the last stage computes `loss_fn(outputs, labels)` per micro-batch and backpropagates it divided
+by the number of micro-batches; train_batch returns the mean over micro-batches and data-parallel ranks,
+broadcast over the pipe group, so every rank returns the same 0-dim tensor (as DeepSpeed).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from dsrun.errors import ConfigError
+
+from ..config.policies import torch_dtype
+from .p2p import StageP2P
+from .schedule import InferenceSchedule, InterleavedInferenceSchedule, InterleavedTrainSchedule, TrainSchedule
+
+__all__ = ["PipelineEngine", "PipelineError"]
+
+
+class PipelineError(Exception):
+    """Errors related to the use of the pipeline engine (DeepSpeed's class)."""
+
+
+class PipelineEngine:
+    """See the module docstring. Built by `dsrun.initialize`; every rank of the world builds one."""
+
+    def __init__(self, *, model, config, optimizer=None, model_parameters=None, lr_scheduler=None,
+                 training_data=None, collate_fn=None):
+        self._check_supported(config)
+        self.config, self.module = config, model
+        self.grid = model.mpu()
+        self.global_rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.stage_id, self.num_stages = self.grid.get_stage_id(), model.num_stages
+        self.dp_world_size = self.grid.get_data_parallel_world_size()
+        self.micro_batches = config.gradient_accumulation_steps
+        self.num_chunks = model.num_chunks
+        if self.num_chunks > 1 and self.micro_batches % self.num_stages:
+            raise ConfigError(f"the interleaved schedule (num_chunks={self.num_chunks}) needs gradient_accumulation_steps "
+                              f"({self.micro_batches}) to be a multiple of the number of stages ({self.num_stages})",
+                              where="gradient_accumulation_steps")
+        from ..dist import local_rank
+        self.local_rank = local_rank()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.local_rank % torch.cuda.device_count())
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        from ..compose import apply_data, apply_optimizer, apply_placement, apply_scheduler
+        apply_placement(model, device=self.device, sharding=config.sharding, precision=config.precision)
+        model.synchronize_tied_weights()
+        opt = apply_optimizer(model, client=optimizer, model_parameters=model_parameters, config=config,
+                              device=self.device)
+        if opt is None:
+            raise ConfigError("the pipeline engine needs an optimizer", where="optimizer",
+                              hint="pass optimizer= to initialize or add an \"optimizer\" section")
+        from .stage_optimizer import StageOptimizer
+        self.stage_optimizer = StageOptimizer(model, opt, param_dtype=torch_dtype(config.precision.param_dtype),
+                                              grid=self.grid, shard_optimizer_state=config.sharding.optimizer_state)
+        self.optimizer = opt
+        self.lr_scheduler = apply_scheduler(client=lr_scheduler, optimizer=opt, config=config)
+        self.training_dataloader = apply_data(training_data=training_data, config=config,
+                                              group=self.grid.get_data_parallel_group(), collate_fn=collate_fn)
+        self.data_iterator = None
+        if self.training_dataloader is not None and (self.is_first_stage() or self.is_last_stage()):
+            from ..utils import RepeatingLoader
+            self.data_iterator = iter(RepeatingLoader(self.training_dataloader))
+        self.p2p = self._build_p2p(model)
+        self.global_steps = self.global_samples = self.micro_steps = 0
+        self.agg_train_loss = self.agg_eval_loss = None
+        self._batch_fn = None
+        self._boundary = False
+        self._clear_buffers()
+
+    def _build_p2p(self, model) -> StageP2P:
+        s, n = self.stage_id, self.num_stages
+        if self.num_chunks == 1:
+            return StageP2P(prev_rank=None if s == 0 else self.grid.stage_to_global(s - 1),
+                            next_rank=None if s == n - 1 else self.grid.stage_to_global(s + 1),
+                            device=self.device, dynamic_shape=model.dynamic_shape)
+        from .p2p import channel_groups
+        p2p = StageP2P(prev_rank=self.grid.stage_to_global((s - 1) % n), next_rank=self.grid.stage_to_global((s + 1) % n),
+                       device=self.device, dynamic_shape=model.dynamic_shape, num_stages=n, stage_id=s,
+                       groups=channel_groups(self.grid, self.num_chunks))
+        p2p.connect()
+        return p2p
+
+    def _first_virtual(self, ins) -> bool:
+        return self.stage_id == 0 and ins.chunk == 0
+
+    def _last_virtual(self, ins) -> bool:
+        return self.is_last_stage() and ins.chunk == self.num_chunks - 1
+
+    @staticmethod
+    def _check_supported(config) -> None:
+        if config.sharding.gradients or config.sharding.parameters:
+            raise ConfigError("ZeRO-2 and ZeRO-3 are incompatible with pipeline parallelism (ZeRO-1 works)",
+                              where="zero_optimization.stage", hint="set it to 0 or 1")
+        if config.offload.optimizer.value != "none" or config.offload.params.value != "none":
+            raise ConfigError("offload is not supported with pipeline parallelism",
+                              where="zero_optimization.offload_optimizer", hint="remove the offload sections")
+        if config.precision.param_dtype == "fp16":
+            raise ConfigError("fp16 is not supported by dsrun's pipeline engine yet; use bf16 or fp32",
+                              where="fp16.enabled", hint="use \"bf16\": {\"enabled\": true}")
+
+    # -- DeepSpeed's surface ---------------------------------------------------------------------------
+
+    def is_first_stage(self) -> bool:
+        return self.stage_id == 0
+
+    def is_last_stage(self) -> bool:
+        return self.stage_id == self.num_stages - 1
+
+    def set_dataiterator(self, iterator) -> None:
+        """Where train_batch() takes micro-batches from (used by the first and last stages only)."""
+        if self.is_first_stage() or self.is_last_stage():
+            self.data_iterator = iterator
+
+    def set_dataloader(self, loader) -> None:
+        if self.is_first_stage() or self.is_last_stage():
+            from ..utils import RepeatingLoader
+            self.data_iterator = iter(RepeatingLoader(loader))
+
+    def set_batch_fn(self, fn) -> None:
+        """`fn(batch)` is applied to each loaded batch before it is split into inputs and labels."""
+        self._batch_fn = fn
+
+    def reset_activation_shape(self) -> None:
+        """Exchange activation shapes again before the next send (call on every rank)."""
+        self.p2p.reset()
+
+    def forward(self, *args, **kwargs):
+        raise PipelineError("Only train_batch() is accessible in pipeline mode.")
+
+    __call__ = forward
+
+    def backward(self, *args, **kwargs):
+        raise PipelineError("Only train_batch() is accessible in pipeline mode.")
+
+    def step(self, *args, **kwargs):
+        raise PipelineError("Only train_batch() is accessible in pipeline mode.")
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return self._boundary
+
+    def train_batch_size(self) -> int:
+        return self.config.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        return self.config.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.config.gradient_accumulation_steps
+
+    def zero_optimization_stage(self) -> int:
+        return self.config.zero.stage
+
+    def get_lr(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self) -> Optional[float]:
+        return self.stage_optimizer.grad_norm
+
+    def bfloat16_enabled(self) -> bool:
+        return self.config.precision.param_dtype == "bf16"
+
+    def fp16_enabled(self) -> bool:
+        return False
+
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    # -- batches ---------------------------------------------------------------------------------------
+
+    def train_batch(self, data_iter=None) -> torch.Tensor:
+        """Run one batch of `gradient_accumulation_steps` micro-batches through the 1F1B schedule and take
+        one optimizer step. Returns the mean loss (the same 0-dim tensor on every rank)."""
+        if not torch.is_grad_enabled():
+            raise RuntimeError("train_batch() requires gradients enabled. Use eval_batch() instead.")
+        if data_iter is not None:
+            self.set_dataiterator(data_iter)
+        self.module.train()
+        self._kind, self._compute_loss = "train", True
+        if self.num_chunks > 1:
+            self._run(InterleavedTrainSchedule(self.micro_batches, self.num_stages, self.stage_id, self.num_chunks))
+        else:
+            self._run(TrainSchedule(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id))
+        # mean over micro-batches and data-parallel ranks, from the last stage to every rank (as DeepSpeed)
+        self.agg_train_loss = self._from_last_stage(
+            self._average([self._total_loss / self.micro_batches]) if self.is_last_stage() else None)
+        self._clear_buffers()
+        return self.agg_train_loss
+
+    def eval_batch(self, data_iter, return_logits: bool = False, compute_loss: bool = True, reduce_output="avg",
+                   bcast_loss: bool = True, num_micro_batches: Optional[int] = None):
+        """Forward `num_micro_batches` (default gradient_accumulation_steps) micro-batches from `data_iter`
+        without gradients (DeepSpeed's semantics). Per micro-batch the last stage keeps the loss, or the
+        outputs when `compute_loss` is False or there is no loss_fn; `reduce_output='avg'` averages them
+        over micro-batches and data-parallel ranks, None returns the list. With `compute_loss` and
+        `bcast_loss` the averaged loss is returned on every rank, otherwise on the last stage (None
+        elsewhere). `return_logits` returns `(result, outputs)`, outputs being the last micro-batch's on
+        the last stage. The train iterator and the module's train/eval mode are restored afterwards."""
+        if reduce_output is not None and reduce_output.lower() != "avg":
+            raise NotImplementedError(f"reduction type {reduce_output} not supported.")
+        micro_batches = num_micro_batches or self.micro_batches
+        saved_iter, saved_mode = self.data_iterator, self.module.training
+        self.set_dataiterator(data_iter)
+        self.module.eval()
+        self._kind, self._compute_loss = "eval", compute_loss
+        try:
+            with torch.no_grad():
+                if self.num_chunks > 1:
+                    self._run(InterleavedInferenceSchedule(micro_batches, self.num_stages, self.stage_id,
+                                                           self.num_chunks))
+                else:
+                    self._run(InferenceSchedule(micro_batches=micro_batches, stages=self.num_stages,
+                                                stage_id=self.stage_id))
+            result = None
+            if self.is_last_stage():
+                values = [self._losses_done[mb] for mb in range(micro_batches)]
+                result = values if reduce_output is None else self._average(values)
+            if compute_loss and bcast_loss and reduce_output is not None:
+                result = self._from_last_stage(result)
+            outputs = self._last_outputs if self.is_last_stage() else None
+        finally:
+            self.data_iterator = saved_iter
+            self.module.train(saved_mode)
+            self._clear_buffers()
+        self.agg_eval_loss = result
+        return (result, outputs) if return_logits else result
+
+    def _average(self, values):
+        """Mean over micro-batches, then over the data-parallel group (tensors, or tuples of tensors)."""
+        if not torch.is_tensor(values[0]):
+            return [self._average([v[i] for v in values]) for i in range(len(values[0]))]
+        mean = sum(v.float() for v in values) / len(values)
+        if self.dp_world_size > 1:
+            dist.all_reduce(mean, group=self.grid.get_data_parallel_group())
+            mean /= self.dp_world_size
+        return mean
+
+    def _from_last_stage(self, value) -> torch.Tensor:
+        """The last stage's 0-dim float tensor on every rank of the pipe group."""
+        if self.num_stages == 1:
+            return value
+        if not self.is_last_stage():
+            value = torch.zeros((), dtype=torch.float32, device=self.device)
+        value = value.float().reshape(())
+        dist.broadcast(value, src=self.grid.stage_to_global(self.num_stages - 1),
+                       group=self.grid.get_pipe_parallel_group())
+        return value
+
+    # -- the schedule interpreter ------------------------------------------------------------------------
+
+    def _clear_buffers(self) -> None:
+        self._inputs, self._labels, self._outputs, self._grads, self._losses = {}, {}, {}, {}, {}
+        self._losses_done, self._last_outputs = {}, None
+        self._total_loss = torch.zeros((), dtype=torch.float32, device=self.device)
+
+    def _run(self, schedule) -> None:
+        self._clear_buffers()
+        try:
+            for step in schedule.steps():
+                for ins in step:
+                    _DISPATCH[ins.op](self, ins)
+        finally:
+            self.p2p.wait_sends()
+
+    def _to_device(self, obj):
+        if torch.is_tensor(obj):
+            return obj.to(self.device)
+        if isinstance(obj, (tuple, list)):
+            return tuple(self._to_device(o) for o in obj)
+        return obj
+
+    def _load(self, ins) -> None:
+        if self.data_iterator is None:
+            raise PipelineError("no data: pass data_iter to train_batch()/eval_batch(), call set_dataiterator(), "
+                                "or give training_data to initialize()")
+        batch = next(self.data_iterator)
+        if self._batch_fn is not None:
+            batch = self._batch_fn(batch)
+        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+            raise PipelineError("each batch from the data iterator must be a pair (inputs, labels)")
+        if self._first_virtual(ins):
+            self._inputs[(ins.micro_batch, 0)] = self._to_device(batch[0])
+        if self._last_virtual(ins):
+            self._labels[ins.micro_batch] = self._to_device(batch[1])
+
+    def _forward(self, ins) -> None:
+        mb, key = ins.micro_batch, (ins.micro_batch, ins.chunk)
+        inputs = self._inputs[key] if self._kind == "train" else self._inputs.pop(key)  # train: kept for backward
+        outputs = self.module(inputs, chunk=ins.chunk) if self.num_chunks > 1 else self.module(inputs)
+        if not self._last_virtual(ins):
+            self._outputs[key] = outputs
+            return
+        use_loss_fn = self._compute_loss and self.module.loss_fn is not None
+        loss = self.module.loss_fn(outputs, self._labels.pop(mb)) if use_loss_fn else outputs
+        if self._kind == "train":
+            self._total_loss += loss.detach().float()
+            self._losses[mb] = loss
+        else:
+            self._last_outputs = outputs
+            self._losses_done[mb] = loss.detach() if torch.is_tensor(loss) else tuple(t.detach() for t in loss)
+
+    def _backward(self, ins) -> None:
+        key = (ins.micro_batch, ins.chunk)
+        if self._last_virtual(ins):
+            (self._losses.pop(ins.micro_batch).float() / self.micro_batches).backward()
+        else:
+            outputs = self._outputs.pop(key)
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            pairs = [(o, g) for o, g in zip(outputs, self._grads.pop(key)) if g is not None]
+            torch.autograd.backward([o for o, _ in pairs], grad_tensors=[g for _, g in pairs])
+        if self._first_virtual(ins):
+            self._inputs.pop(key)
+
+    def _send_activations(self, ins) -> None:
+        key = (ins.micro_batch, ins.chunk)
+        self.p2p.send_activations(self._outputs[key], self._kind, ins.chunk)
+        if self._kind == "eval":
+            del self._outputs[key]
+
+    def _recv_activations(self, ins) -> None:
+        self._inputs[(ins.micro_batch, ins.chunk)] = self.p2p.recv_activations(self._kind, ins.chunk)
+
+    def _send_grads(self, ins) -> None:
+        self.p2p.send_grads(self._inputs.pop((ins.micro_batch, ins.chunk)), ins.chunk)
+
+    def _recv_grads(self, ins) -> None:
+        self._grads[(ins.micro_batch, ins.chunk)] = self.p2p.recv_grads(ins.chunk)
+
+    def _reduce_tied(self, ins) -> None:
+        self.stage_optimizer.reduce_tied()
+
+    def _reduce_grads(self, ins) -> None:
+        self._boundary = True
+        self.stage_optimizer.reduce()
+
+    def _optimizer_step(self, ins) -> None:
+        try:
+            self.stage_optimizer.step(float(self.config.gradient_clipping or 0.0))
+        finally:
+            self._boundary = False
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+        self.micro_steps += self.micro_batches
+
+    # -- checkpoints (checkpoint.py) ---------------------------------------------------------------------
+
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+        """Per-layer files plus engine and optimizer state (checkpoint.py). Collective."""
+        from .checkpoint import save
+        return save(self, save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest)
+
+    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
+                        load_lr_scheduler_states=True, **kwargs):
+        """Returns (path, client_state), or (None, None) when there is nothing to load. Collective."""
+        from .checkpoint import load
+        return load(self, load_dir, tag=tag, strict=load_module_strict, load_optimizer_states=load_optimizer_states,
+                    load_lr_scheduler_states=load_lr_scheduler_states)
+
+    def module_state_dict(self) -> dict:
+        return self.module.state_dict()
+
+    def destroy(self) -> None:
+        self.stage_optimizer.destroy()
+        self._clear_buffers()
+
+
+_DISPATCH = {
+    "L": PipelineEngine._load,
+    "F": PipelineEngine._forward,
+    "B": PipelineEngine._backward,
+    "sA": PipelineEngine._send_activations,
+    "rA": PipelineEngine._recv_activations,
+    "sG": PipelineEngine._send_grads,
+    "rG": PipelineEngine._recv_grads,
+    "RT": PipelineEngine._reduce_tied,
+    "RG": PipelineEngine._reduce_grads,
+    "OPT": PipelineEngine._optimizer_step,
+}

@@ -1,0 +1,318 @@
+"""The pipeline engine on gloo ranks against the same layers run as one sequential model in one process
+(pipe_cases.py): 2 and 4 stages, 2 x 2 pipeline x data parallel with ZeRO-1, tied layers, activation
+checkpointing, train/eval/train, bf16, and a checkpoint saved at 4 stages reloaded at 2. fp32 runs
+match the reference within 1e-5 relative with gradient clipping active (the global norm is above the
+clip threshold). Plus the pure planning pieces: partitions, topology, ZeRO-1 ownership, p2p meta.
+
+Every case of one world size runs inside one job (spawning per case would cost seconds each).
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _dist import run_ranks  # noqa: E402
+import pipe_cases as pc  # noqa: E402
+
+import dsrun  # noqa: E402,F401  (imported before the ranks fork)
+from dsrun.errors import ConfigError  # noqa: E402
+from dsrun.runtime.pipe.engine import PipelineError  # noqa: E402
+from dsrun.runtime.pipe.p2p import TensorMeta  # noqa: E402
+from dsrun.runtime.pipe.partition import LayerInfo, partition_balanced, partition_uniform, plan_partition  # noqa: E402
+from dsrun.runtime.pipe.stage_optimizer import assign_owners  # noqa: E402
+from dsrun.runtime.pipe.topology import PipeDataParallelTopology, ProcessTopology  # noqa: E402
+
+STEPS = 3
+
+
+# -- pure pieces ---------------------------------------------------------------------------------------
+
+def test_partition_uniform_and_balanced():
+    assert partition_uniform(10, 4) == [0, 3, 6, 8, 10]
+    assert partition_uniform(8, 4) == [0, 2, 4, 6, 8]
+    assert partition_uniform(2, 4) == [0, 1, 2, 2, 2]
+    assert partition_balanced([1, 1, 4, 1, 1], 2) == [0, 3, 5]
+    assert partition_balanced([5, 1, 1, 1, 1, 1], 2) == [0, 1, 6]
+    assert partition_balanced([0, 1, 0, 1, 0, 1, 0, 1], 4) == [0, 3, 5, 7, 8]  # weightless items join the part before
+    parts = partition_balanced([3, 1, 4, 1, 5, 9, 2, 6], 3)
+    assert parts[0] == 0 and parts[-1] == 8 and all(a < b for a, b in zip(parts, parts[1:]))
+    assert max(sum([3, 1, 4, 1, 5, 9, 2, 6][a:b]) for a, b in zip(parts, parts[1:])) == 14  # the optimum
+
+
+def test_plan_partition_methods():
+    layers = [LayerInfo("Embedding", 100), LayerInfo("Block", 10), LayerInfo("Block", 10), LayerInfo("Block", 10),
+              LayerInfo("Block", 10), LayerInfo("Head", 0)]
+    assert plan_partition("uniform", layers, 2) == [0, 3, 6]
+    assert plan_partition("parameters", layers, 2) == [0, 1, 6]
+    assert plan_partition("type:block", layers, 2) == [0, 3, 6]  # case-insensitive, 2 blocks each
+    with pytest.raises(ValueError, match="matches no layer"):
+        plan_partition("type:Conv", layers, 2)
+    with pytest.raises(ValueError, match="unknown partition_method"):
+        plan_partition("best", layers, 2)
+
+
+def test_topology_as_deepspeed():
+    topo = PipeDataParallelTopology(num_pp=2, num_dp=2)
+    assert topo.get_axis_names() == ["pipe", "data"]
+    assert topo.get_rank(pipe=1, data=0) == 2
+    assert topo.get_coord(3) == topo.ProcessCoord(pipe=1, data=1)
+    assert topo.get_axis_comm_lists("data") == [[0, 1], [2, 3]]
+    assert topo.get_axis_comm_lists("pipe") == [[0, 2], [1, 3]]
+    assert topo.filter_match(pipe=0) == [0, 1] and topo.get_axis_list("data", 1) == [1, 3]
+    assert topo.get_dim("model") == 0 and topo.world_size() == 4
+    mp = ProcessTopology(axes=["pipe", "data", "model"], dims=[2, 1, 2])
+    assert mp.get_rank_repr(3) == "model_01"
+
+
+def test_zero1_owners_and_p2p_meta():
+    assert assign_owners([10, 10, 1, 1], 2) == [0, 1, 0, 1]
+    assert assign_owners([4, 3, 2], 1) == [0, 0, 0]
+    msg = (torch.zeros(2, 3, requires_grad=True), torch.ones(4, dtype=torch.int64))
+    meta = TensorMeta.decode(TensorMeta.of(msg).encode())
+    assert meta.as_tuple and meta.specs == [(torch.Size([2, 3]), torch.float32, True),
+                                            (torch.Size([4]), torch.int64, False)]
+    with pytest.raises(TypeError, match="only tensors"):
+        TensorMeta.of((torch.zeros(1), 3))
+
+
+# -- multi-process runs ----------------------------------------------------------------------------------
+
+def _world4(rank, world, ckpt_dir):
+    out = {}
+    data = pc.batches(STEPS, 1, 4)
+    engine = pc.make_engine(pc.mlp_specs(), 4, 1, 4)  # 7 layers: 2/2/2/1
+    losses = pc.train_steps(engine, data[:2])
+    engine.save_checkpoint(ckpt_dir, client_state={"note": "four"})
+    losses += pc.train_steps(engine, data[2:])
+    out["four"] = (losses, pc.stage_weights(engine), engine.get_global_grad_norm())
+    # a second PipelineModule in the same job: 2 stages x 2 data-parallel ranks, ZeRO-1
+    data = pc.batches(STEPS, 2, 2)
+    engine = pc.make_engine(pc.mlp_specs(), 2, 2, 2, zero_stage=1, partition_method="parameters")
+    out["2x2"] = (pc.train_steps(engine, data), pc.stage_weights(engine), engine.get_global_grad_norm(),
+                  sum(v.numel() for st in engine.optimizer.state.values() for v in st.values() if v.dim() > 0),
+                  sum(p.numel() for p in engine.module.parameters()))
+    engine = pc.make_engine(pc.mlp_specs(), 2, 2, 2, num_chunks=2)  # interleaved with data parallelism
+    out["2x2-interleaved"] = (pc.train_steps(engine, data), pc.stage_weights(engine))
+    return out
+
+
+def _world2(rank, world, ckpt_dir):
+    out = {}
+    data = pc.batches(STEPS, 1, 4)
+    engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4, activation_checkpoint_interval=1)
+    losses = pc.train_steps(engine, data[:1])
+    eval_loss = engine.eval_batch(iter(data[0][0])).item()
+    eval_logits = engine.eval_batch(iter(data[0][0]), return_logits=True)[1]
+    per_mb = engine.eval_batch(iter(data[0][0]), reduce_output=None)
+    mean_out = engine.eval_batch(iter(data[0][0]), compute_loss=False)
+    losses += pc.train_steps(engine, data[1:])
+    out["two"] = (losses, pc.stage_weights(engine), eval_loss, eval_logits is not None)
+    out["eval_forms"] = (None if per_mb is None else [t.item() for t in per_mb],
+                         None if mean_out is None else tuple(mean_out.shape))
+    with pytest.raises(PipelineError, match="Only train_batch"):
+        engine(data[0][0][0][0])
+    for bad, where in (({"zero_stage": 2}, "zero_optimization.stage"), ({"bf16": False, "fp16": True}, "fp16")):
+        with pytest.raises(ConfigError, match=where):
+            pc.make_engine(pc.mlp_specs(), 2, 1, 4, **bad)
+    tied_data = pc.batches(STEPS, 1, 2)
+    engine = pc.make_engine(pc.tied_specs(), 2, 1, 2)
+    out["tied"] = (pc.train_steps(engine, tied_data), pc.stage_weights(engine), engine.get_global_grad_norm())
+    engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4)
+    path, client = engine.load_checkpoint(ckpt_dir)
+    out["reload"] = (pc.train_steps(engine, data[2:]), pc.stage_weights(engine), client, engine.global_steps)
+    engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4, num_chunks=2)  # interleaved: virtual stages 0,2 | 1,3
+    losses = pc.train_steps(engine, data[:1])
+    eval_loss = engine.eval_batch(iter(data[0][0])).item()
+    losses += pc.train_steps(engine, data[1:])
+    out["interleaved"] = (losses, pc.stage_weights(engine), eval_loss, engine.module.parts)
+    engine = pc.make_engine(pc.tuple_specs(), 2, 1, 2)  # tuples between stages: float no-grad and int64 parts
+    out["tuple"] = (pc.train_steps(engine, tied_data), pc.stage_weights(engine))
+    one_data = pc.batches(STEPS, 2, 2)
+    engine = pc.make_engine(pc.mlp_specs(), 1, 2, 2)  # one stage, two data-parallel ranks
+    out["one"] = (pc.train_steps(engine, one_data), pc.stage_weights(engine))
+    engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4, bf16=True)
+    engine.set_batch_fn(lambda batch: tuple(t.to(torch.bfloat16) for t in batch))  # inputs are never cast
+    out["bf16"] = (pc.train_steps(engine, data), {n: p.dtype for n, p in engine.module.named_parameters()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("pipe_ckpt"))
+
+
+@pytest.fixture(scope="module")
+def world4(ckpt_dir):
+    return run_ranks(_world4, world_size=4, args=(ckpt_dir,), timeout=240)
+
+
+@pytest.fixture(scope="module")
+def world2(world4, ckpt_dir):
+    return run_ranks(_world2, world_size=2, args=(ckpt_dir,), timeout=240)
+
+
+def _merged(results, case):
+    """Every rank's stage weights of `case`, merged into one {name: weight}."""
+    merged = {}
+    for r in results:
+        merged.update(r[case][1])
+    return merged
+
+
+def _assert_close(weights, ref, rel=1e-5):
+    assert set(weights) == set(ref), (sorted(weights), sorted(ref))
+    for name, w in weights.items():
+        err = ((w - ref[name]).abs().max() / ref[name].abs().max()).item()
+        assert err < rel, f"{name}: relative error {err:.2e}"
+
+
+def _assert_losses(results, case, ref_losses, rel=1e-5):
+    for r in results:  # every rank returns the same loss
+        assert r[case][0] == pytest.approx(ref_losses, rel=rel)
+
+
+def test_four_stages_match_sequential(world4):
+    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4))
+    _assert_losses(world4, "four", ref_losses)
+    _assert_close(_merged(world4, "four"), ref_weights)
+    assert world4[0]["four"][2] > pc.CLIP  # clipping was active
+    held = [set(r["four"][1]) for r in world4]  # each rank built only its own stage's layers
+    assert sum(len(h) for h in held) == len(set().union(*held)) == len(ref_weights)
+
+
+def test_two_by_two_zero1_matches_sequential(world4):
+    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 2, 2))
+    _assert_losses(world4, "2x2", ref_losses)
+    _assert_close(_merged(world4, "2x2"), ref_weights)
+    assert world4[0]["2x2"][2] > pc.CLIP
+    for stage in (0, 1):  # ZeRO-1: the two data-parallel ranks of a stage split its Adam state (2 per element)
+        (_, _, _, state_a, numel), (_, _, _, state_b, _) = (world4[2 * stage]["2x2"], world4[2 * stage + 1]["2x2"])
+        assert state_a + state_b == 2 * numel and 0 < state_a < 2 * numel
+
+
+def test_two_by_two_interleaved_matches_sequential(world4):
+    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 2, 2))
+    _assert_losses(world4, "2x2-interleaved", ref_losses)
+    _assert_close(_merged(world4, "2x2-interleaved"), ref_weights)
+
+
+def test_two_stages_train_eval_train_with_activation_checkpointing(world2):
+    ref_losses, ref_weights, ref_eval = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4), eval_after={0})
+    _assert_losses(world2, "two", ref_losses)
+    _assert_close(_merged(world2, "two"), ref_weights)
+    for r in world2:
+        assert r["two"][2] == pytest.approx(ref_eval[0], rel=1e-5)
+    assert [r["two"][3] for r in world2] == [False, True]  # logits on the last stage only
+    per_mb, mean_out = world2[1]["eval_forms"]  # DeepSpeed's forms, last stage only
+    assert len(per_mb) == 4 and sum(per_mb) / 4 == pytest.approx(ref_eval[0], rel=1e-5)
+    assert mean_out == (pc.MICRO, pc.WIDTH) and world2[0]["eval_forms"] == (None, None)
+
+
+def test_interleaved_train_eval_train_matches_sequential(world2):
+    ref_losses, ref_weights, ref_eval = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4), eval_after={0})
+    _assert_losses(world2, "interleaved", ref_losses)
+    _assert_close(_merged(world2, "interleaved"), ref_weights)
+    for r in world2:
+        assert r["interleaved"][2] == pytest.approx(ref_eval[0], rel=1e-5)
+    assert world2[0]["interleaved"][3] == [0, 2, 4, 6, 7]
+
+
+def test_interleaved_inference_schedule_forwards_in_train_order():
+    from dsrun.runtime.pipe.schedule import InterleavedInferenceSchedule, InterleavedTrainSchedule
+    from dsrun.runtime.pipe.simulate import simulate
+    assert InterleavedInferenceSchedule(4, 2, 0, 2).compact() == "F0.0 F1.0 F0.1 F1.1 F2.0 F3.0 F2.1 F3.1"
+    assert str(InterleavedInferenceSchedule(2, 2, 1, 2)) == "rA0 F0 sA0 | rA1 F1 sA1 | rA0 L0 F0 | rA1 L1 F1"
+    for stages, chunks, micro_batches in [(2, 2, 4), (4, 2, 8), (3, 3, 6)]:
+        train = [InterleavedTrainSchedule(micro_batches, stages, s, chunks) for s in range(stages)]
+        infer = [InterleavedInferenceSchedule(micro_batches, stages, s, chunks) for s in range(stages)]
+        simulate(infer)  # no deadlock, every send received in order
+        for t, i in zip(train, infer):
+            assert [x for x in t.instructions() if x.op == "F"] == [x for x in i.instructions() if x.op == "F"]
+
+
+def test_one_stage_data_parallel_matches_sequential(world2):
+    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 2, 2))
+    _assert_losses(world2, "one", ref_losses)
+    for r in world2:
+        _assert_close(r["one"][1], ref_weights)
+
+
+def test_tuple_activations_match_sequential(world2):
+    ref_losses, ref_weights, _ = pc.reference_run(pc.tuple_specs(), pc.batches(STEPS, 1, 2))
+    _assert_losses(world2, "tuple", ref_losses)
+    _assert_close(_merged(world2, "tuple"), ref_weights)
+
+
+def test_tied_layers_match_sequential(world2):
+    ref_losses, ref_weights, _ = pc.reference_run(pc.tied_specs(), pc.batches(STEPS, 1, 2))
+    _assert_losses(world2, "tied", ref_losses)
+    for r in world2:  # both stages hold the tied weight, and it equals the reference's single copy
+        _assert_close({n: w for n, w in r["tied"][1].items() if n.startswith("tied_modules")},
+                      {n: w for n, w in ref_weights.items() if n.startswith("tied_modules")})
+    _assert_close(_merged(world2, "tied"), ref_weights)
+    assert world2[0]["tied"][2] > pc.CLIP
+
+
+def test_checkpoint_at_four_stages_reloads_at_two(world4, world2, ckpt_dir):
+    assert os.path.isfile(os.path.join(ckpt_dir, "latest"))
+    names = os.listdir(os.path.join(ckpt_dir, "global_step2"))
+    assert {f"layer_{i:02d}-model_states.pt" for i in range(7)} <= set(names)
+    assert not [n for n in os.listdir(ckpt_dir) if ".tmp-" in n]
+    for r in world2:
+        losses, _, client, steps = r["reload"]
+        assert client == {"note": "four"} and steps == STEPS
+        assert losses == pytest.approx(world4[0]["four"][0][2:], rel=1e-5)
+    _assert_close(_merged(world2, "reload"), _merged(world4, "four"))
+
+
+def test_bf16_trains_with_fp32_accumulation(world2):
+    ref_losses, _, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4))
+    for r in world2:
+        losses, dtypes = r["bf16"]
+        assert losses == pytest.approx(ref_losses, rel=2e-2)
+        assert set(dtypes.values()) == {torch.bfloat16}
+
+
+TRAIN_SCRIPT = """
+import argparse
+import torch
+import dsrun
+from dsrun.pipe import LayerSpec, PipelineModule
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--local_rank", type=int, default=0)
+dsrun.add_config_arguments(parser)
+args = parser.parse_args()
+g = torch.Generator().manual_seed(0)
+data = [(torch.randn(8, generator=g), torch.randn(3, generator=g)) for _ in range(32)]
+model = PipelineModule([LayerSpec(torch.nn.Linear, 8, 16), torch.nn.Tanh(), LayerSpec(torch.nn.Linear, 16, 3)],
+                       num_stages=2, loss_fn=torch.nn.functional.mse_loss, partition_method="uniform")
+engine, optimizer, loader, _ = dsrun.initialize(args=args, model=model, training_data=data)
+losses = [engine.train_batch().item() for _ in range(3)]
+evaluated = engine.eval_batch(iter(loader)).item()
+print(f"rank {engine.global_rank} stage {engine.stage_id} steps {engine.global_steps} losses {losses} eval {evaluated:.6f}",
+      flush=True)
+"""
+
+
+def test_pipeline_through_the_launcher(tmp_path):
+    """initialize(args=...) with a config file, training_data, the config's optimizer, on ranks started
+    by dsrun itself; every rank reports the same losses."""
+    import json
+    import re
+    import subprocess
+    (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
+    (tmp_path / "ds.json").write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "gradient_clipping": 1.0,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "hang_watchdog": {"enabled": False}}))
+    env = {k: v for k, v in os.environ.items() if k != "DS_ENV_FILE"}
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", "train.py",
+                           "--deepspeed_config", "ds.json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    reports = re.findall(r"rank (\d) stage (\d) steps 3 losses (\[.*?\]) eval (\S+)", done.stdout)
+    assert sorted((r, s) for r, s, _, _ in reports) == [("0", "0"), ("1", "1")], done.stdout
+    assert reports[0][2:] == reports[1][2:]
