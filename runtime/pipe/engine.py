@@ -90,7 +90,7 @@ class PipelineEngine:
 
     def _build_p2p(self, model) -> StageP2P:
         s, n = self.stage_id, self.num_stages
-        if self.num_chunks == 1:
+        if n == 1:
             return StageP2P(prev_rank=None if s == 0 else self.grid.stage_to_global(s - 1),
                             next_rank=None if s == n - 1 else self.grid.stage_to_global(s + 1),
                             device=self.device, dynamic_shape=model.dynamic_shape)

@@ -11,9 +11,8 @@ Gradients flow back only for the activations whose meta says `requires_grad`: th
 required grad, so it is in the sender's graph. The receiver marks exactly those inputs as requiring grad;
 a received input that backward left without a gradient is sent back as zeros (its layers did not use it).
 
-Sends and receives are blocking (`dist.send`/`dist.recv`: gloo on CPU, NCCL on GPU); the lock-step 1F1B
-and inference schedules pair every send with the receive of the neighbour's same step, so the order on
-each pair of ranks matches.
+Receives are blocking; sends are `isend`s on a two-rank group per channel, completed at the end of the
+batch ([Note: p2p channels]); gloo on CPU, NCCL on GPU. Within a channel messages match in order.
 """
 from __future__ import annotations
 
@@ -68,8 +67,11 @@ class StageP2P:
     """The sends and receives of one stage (global ranks `prev_rank` / `next_rank` of the stages before and
     after it; with model chunks they wrap around the ring, else None at the ends of the pipeline).
 
-    [Note: p2p channels] Lock-step schedules (1F1B, inference: `ordered=False`) use blocking sends on the
-    default group. The interleaved schedule is ordered, not lock-stepped: it is deadlock-free only if a
+    [Note: p2p channels] Every pipeline of two or more stages sends through channels (`ordered`). For
+    1F1B this is for speed: a blocking send on NCCL makes the sender's compute stream wait until the
+    receiver has posted its receive, and both directions share the default group's stream, so each stage
+    idled on its neighbour once per micro-batch (2 x H200, B3 blocks, m=16: 0.889 of the unpipelined
+    rate with blocking sends; RESULTS.md 2026-11-30). The interleaved schedule is ordered, not lock-stepped: it is deadlock-free only if a
     send never waits for its receive (simulate.py's model, where each sending virtual stage has its own
     channel). Between the same two ranks it carries activations and gradients of several chunks, in
     both directions (with 2 stages, virtual stage 1 sends back to stage 0), whose sends and receives
