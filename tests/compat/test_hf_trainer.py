@@ -46,6 +46,8 @@ import deepspeed, dsrun
 import deepspeed.comm, deepspeed.runtime.lr_schedules
 from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
 from deepspeed.utils import logger
+from deepspeed.runtime.zero import partition_parameters
+import torch
 from transformers.integrations.deepspeed import is_deepspeed_available
 from accelerate.utils import compare_versions, is_deepspeed_available as accelerate_sees_it
 print(json.dumps({
@@ -58,6 +60,7 @@ print(json.dumps({
     "engine": deepspeed.DeepSpeedEngine is dsrun.DeepSpeedEngine,
     "initialize": deepspeed.initialize is dsrun.initialize,
     "schedules": "WarmupLR" in deepspeed.runtime.lr_schedules.VALID_LR_SCHEDULES,
+    "partition_parameters": partition_parameters._orig_torch_arange is torch.arange,
     "dsrun": dsrun.__file__, "logger": logger is dsrun.utils.logger,
 }))
 """
@@ -71,6 +74,11 @@ print(json.dumps({
     assert all(got.values()), got
 
 
+def _whole_weights(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
 def _launch(python, tmp_path, *args):
     done = subprocess.run([python, "-m", "dsrun.launcher.cli", "--num_gpus", "2", SCRIPT, "--output_dir", "out",
                            *args], cwd=tmp_path, env=_env(HOME=str(tmp_path)), capture_output=True, text=True,
@@ -82,8 +90,12 @@ def _launch(python, tmp_path, *args):
 
 
 @pytest.mark.slow
-def test_trainer_trains_saves_and_resumes_with_zero2(alias_venv, tmp_path):
-    first = _launch(alias_venv, tmp_path, "--zero_stage", "2", "--max_steps", "8", "--save_steps", "4")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_trainer_trains_saves_and_resumes(alias_venv, tmp_path, stage):
+    """At stage 3 the model is built inside `deepspeed.zero.Init` (from_config) and saving gathers the
+    16-bit weights (`zero_gather_16bit_weights_on_model_save`, `_zero3_consolidated_16bit_state_dict`)."""
+    steps = ("--zero_stage", str(stage), "--max_steps", "8", "--save_steps", "4")
+    first = _launch(alias_venv, tmp_path, *steps)
     assert first["deepspeed"].startswith(os.path.dirname(os.path.dirname(alias_venv)))  # the venv's alias
     assert first["global_step"] == 8 and len(first["losses"]) == 8
     assert first["losses"][-1] < first["losses"][0] - 0.2, first["losses"]
@@ -92,10 +104,10 @@ def test_trainer_trains_saves_and_resumes_with_zero2(alias_venv, tmp_path):
         assert (folder / "latest").read_text().strip() == f"global_step{step}"
         assert (folder / f"global_step{step}").is_dir() and (folder / "trainer_state.json").is_file()
         assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(folder))
+        assert _whole_weights(folder)["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
 
     shutil.rmtree(tmp_path / "out" / "checkpoint-8")
-    resumed = _launch(alias_venv, tmp_path, "--zero_stage", "2", "--max_steps", "8", "--save_steps", "4",
-                      "--resume")
+    resumed = _launch(alias_venv, tmp_path, *steps, "--resume")
     assert resumed["resumed_from"] == 4 and resumed["global_step"] == 8
     # Steps 5-8 again, from the restored weights, optimizer, scheduler, RNG and data position.
     assert resumed["losses"] == pytest.approx(first["losses"][4:], rel=1e-4), (first["losses"], resumed["losses"])

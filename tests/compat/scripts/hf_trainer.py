@@ -11,7 +11,7 @@ import json
 import os
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainerCallback, TrainingArguments
 
 VOCAB, SEQ = 64, 16
 
@@ -79,7 +79,9 @@ def main():
         # Accelerate starts CPU ranks only when told to use the CPU; on GPUs the Trainer picks the device.
         use_cpu=not torch.cuda.is_available())
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2))
+    # from_config, as users build a fresh model: under ZeRO-3 transformers builds it inside deepspeed.zero.Init.
+    model = AutoModelForCausalLM.from_config(
+        GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
     log = LossLog()
     trainer = Trainer(model=model, args=training_args, train_dataset=SyntheticSequences(256), callbacks=[log])
     resumed_from = None
