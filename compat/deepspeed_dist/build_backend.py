@@ -27,7 +27,9 @@ def _dist_info(project: dict) -> dict:
                 f"Summary: {project['description']}\nRequires-Python: {project['requires-python']}\n"
                 "License: Apache-2.0\n")
     wheel = "Wheel-Version: 1.0\nGenerator: dsrun-alias-build\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    return {"METADATA": metadata, "WHEEL": wheel, "top_level.txt": _PACKAGE + "\n"}
+    # DeepSpeed's launcher command, as dsrun's (Accelerate's multi-node launch runs `deepspeed ...`).
+    entry_points = "[console_scripts]\ndeepspeed = dsrun.launcher.cli:main\n"
+    return {"METADATA": metadata, "WHEEL": wheel, "top_level.txt": _PACKAGE + "\n", "entry_points.txt": entry_points}
 
 
 def _record_line(arcname: str, data: bytes) -> str:

@@ -21,18 +21,19 @@ ALIAS_DIST = os.path.join(REPO, "compat", "deepspeed_dist")
 SCRIPT = os.path.join(REPO, "tests", "compat", "scripts", "hf_trainer.py")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def alias_venv(tmp_path_factory):
     """A venv over the system's packages with only the alias installed: offline, no build dependencies."""
-    venv = tmp_path_factory.mktemp("hf") / "venv"
+    venv = tmp_path_factory.mktemp("hf") / "venv"  # session scope: test_hf_accelerate.py uses it too
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", ALIAS_DIST], check=True,
-                   env=_env(), capture_output=True, timeout=120)
+                   env=hf_env(), capture_output=True, timeout=120)
     return python
 
 
-def _env(**extra):
+def hf_env(**extra):
+    """The environment of a command run with the venv: dsrun from this checkout, one thread per rank."""
     env = {k: v for k, v in os.environ.items() if k not in ("DS_ENV_FILE", "CUDA_VISIBLE_DEVICES", "PYTHONHOME")}
     env.update(PYTHONPATH=REPO, OMP_NUM_THREADS="1", PIP_DISABLE_PIP_VERSION_CHECK="1", **extra)
     return env
@@ -47,6 +48,7 @@ import deepspeed.comm, deepspeed.runtime.lr_schedules
 from deepspeed.checkpoint.utils import clone_tensors_for_torch_save
 from deepspeed.utils import logger
 from deepspeed.runtime.zero import partition_parameters
+from deepspeed.launcher.runner import DEEPSPEED_ENVIRONMENT_NAME
 import torch
 from transformers.integrations.deepspeed import is_deepspeed_available
 from accelerate.utils import compare_versions, is_deepspeed_available as accelerate_sees_it
@@ -61,10 +63,11 @@ print(json.dumps({
     "initialize": deepspeed.initialize is dsrun.initialize,
     "schedules": "WarmupLR" in deepspeed.runtime.lr_schedules.VALID_LR_SCHEDULES,
     "partition_parameters": partition_parameters._orig_torch_arange is torch.arange,
+    "env_file": DEEPSPEED_ENVIRONMENT_NAME == ".deepspeed_env",
     "dsrun": dsrun.__file__, "logger": logger is dsrun.utils.logger,
 }))
 """
-    done = subprocess.run([alias_venv, "-c", probe], env=_env(), cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run([alias_venv, "-c", probe], env=hf_env(), cwd=tmp_path, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
@@ -72,6 +75,10 @@ print(json.dumps({
     assert got.pop("comm_spec") == "dsrun.comm"  # the alias import leaves dsrun's own spec in place
     assert got.pop("dsrun").startswith(os.path.join(REPO, "dsrun"))
     assert all(got.values()), got
+    # The distribution's `deepspeed` command is dsrun's launcher (Accelerate's multi-node launch runs it).
+    launcher = subprocess.run([os.path.join(os.path.dirname(alias_venv), "deepspeed"), "--version"], env=hf_env(),
+                              capture_output=True, text=True, timeout=120)
+    assert launcher.returncode == 0 and launcher.stdout.startswith("dsrun "), launcher.stdout + launcher.stderr
 
 
 def _whole_weights(folder):
@@ -81,7 +88,7 @@ def _whole_weights(folder):
 
 def _launch(python, tmp_path, *args):
     done = subprocess.run([python, "-m", "dsrun.launcher.cli", "--num_gpus", "2", SCRIPT, "--output_dir", "out",
-                           *args], cwd=tmp_path, env=_env(HOME=str(tmp_path)), capture_output=True, text=True,
+                           *args], cwd=tmp_path, env=hf_env(HOME=str(tmp_path)), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     lines = [line for line in done.stdout.splitlines() if "HF_RESULT " in line]
