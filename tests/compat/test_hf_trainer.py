@@ -117,4 +117,4 @@ def test_trainer_trains_saves_and_resumes(alias_venv, tmp_path, stage):
     resumed = _launch(alias_venv, tmp_path, *steps, "--resume")
     assert resumed["resumed_from"] == 4 and resumed["global_step"] == 8
     # Steps 5-8 again, from the restored weights, optimizer, scheduler, RNG and data position.
-    assert resumed["losses"] == pytest.approx(first["losses"][4:], rel=1e-4), (first["losses"], resumed["losses"])
+    assert resumed["losses"] == pytest.approx(first["losses"][4:], rel=1e-3), (first["losses"], resumed["losses"])
