@@ -8,6 +8,7 @@ resumes from checkpoint-4 and must continue at step 5 with the same losses the f
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 
@@ -27,6 +28,14 @@ def alias_venv(tmp_path_factory):
     venv = tmp_path_factory.mktemp("hf") / "venv"  # session scope: test_hf_accelerate.py uses it too
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    if sys.prefix != sys.base_prefix:
+        # pytest runs inside a venv: `--system-site-packages` reaches the base interpreter's packages, not this
+        # venv's (torch, transformers may be only here); a .pth file adds them behind the new venv's own.
+        purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+        outer = [p for p in site.getsitepackages() if p.startswith(sys.prefix)]
+        with open(os.path.join(purelib, "_outer_venv.pth"), "w") as f:
+            f.writelines(f"import site; site.addsitedir({p!r})\n" for p in outer)
     subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", ALIAS_DIST], check=True,
                    env=hf_env(), capture_output=True, timeout=120)
     return python
