@@ -90,6 +90,20 @@ print(json.dumps({
     assert launcher.returncode == 0 and launcher.stdout.startswith("dsrun "), launcher.stdout + launcher.stderr
 
 
+def test_engine_signatures_have_the_keywords_transformers_looks_for():
+    """The Trainer passes `exclude_frozen_parameters` (PEFT models) only when save_checkpoint's signature
+    names it, and calls load_checkpoint with DeepSpeed's keywords."""
+    import inspect
+
+    from dsrun.runtime.engine import Engine
+    assert "exclude_frozen_parameters" in inspect.signature(Engine.save_checkpoint).parameters
+    assert "exclude_frozen_parameters" in inspect.signature(Engine._zero3_consolidated_16bit_state_dict).parameters
+    assert "is_boundary" in inspect.signature(Engine.set_gradient_accumulation_boundary).parameters
+    load = inspect.signature(Engine.load_checkpoint).bind(None, "path", load_module_strict=False,
+                                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    assert load.arguments["load_dir"] == "path"
+
+
 def _whole_weights(folder):
     from safetensors.torch import load_file
     return load_file(str(folder / "model.safetensors"))
