@@ -23,7 +23,9 @@ import sys
 
 try:
     import dsrun as _dsrun
-except ImportError as exc:  # pragma: no cover - depends on the environment
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    if exc.name != "dsrun":  # dsrun is there but something it imports is not: that error is the news
+        raise
     raise ImportError(
         "the installed 'deepspeed' distribution is dsrun's alias (compat/deepspeed_dist), but dsrun itself "
         "cannot be imported: install dsrun (pip install <dsrun checkout>) or put its checkout on PYTHONPATH"
