@@ -137,7 +137,8 @@ def test_trainer_trains_saves_and_resumes(alias_venv, tmp_path, stage):
         assert _whole_weights(folder)["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
 
     shutil.rmtree(tmp_path / "out" / "checkpoint-8")
-    resumed = _launch(alias_venv, tmp_path, *steps, "--resume")
-    assert resumed["resumed_from"] == 4 and resumed["global_step"] == 8
+    resumed = _launch(alias_venv, tmp_path, *steps, "--resume", "--evaluate")
+    assert resumed["resumed_from"] == 4 and resumed["global_step"] == 8 and resumed["engine"] == "Engine"
+    assert resumed["eval_loss"] < first["losses"][0], resumed  # trainer.evaluate() through the engine
     # Steps 5-8 again, from the restored weights, optimizer, scheduler, RNG and data position.
     assert resumed["losses"] == pytest.approx(first["losses"][4:], rel=1e-3), (first["losses"], resumed["losses"])

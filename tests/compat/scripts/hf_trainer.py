@@ -68,6 +68,8 @@ def main():
     parser.add_argument("--save_steps", type=int, default=4)
     parser.add_argument("--zero_stage", type=int, default=2)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--evaluate", action="store_true")
     parser.add_argument("--local_rank", type=int, default=-1)  # DeepSpeed-style launchers may pass it
     args = parser.parse_args()
 
@@ -75,7 +77,7 @@ def main():
         output_dir=args.output_dir, max_steps=args.max_steps, save_steps=args.save_steps, save_strategy="steps",
         per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=3e-3, warmup_steps=1,
         logging_steps=1, report_to=[], seed=0, deepspeed=ds_config(args.zero_stage), dataloader_num_workers=0,
-        disable_tqdm=True,
+        disable_tqdm=True, bf16=args.bf16,
         # Accelerate starts CPU ranks only when told to use the CPU; on GPUs the Trainer picks the device.
         use_cpu=not torch.cuda.is_available())
     torch.manual_seed(0)
@@ -92,10 +94,13 @@ def main():
         trainer.train(resume_from_checkpoint=last)
     else:
         trainer.train()
+    eval_loss = trainer.evaluate(SyntheticSequences(32))["eval_loss"] if args.evaluate else None
     if trainer.is_world_process_zero():
         import deepspeed
         print("HF_RESULT " + json.dumps({"losses": log.losses, "global_step": trainer.state.global_step,
-                                         "resumed_from": resumed_from, "deepspeed": deepspeed.__file__,
+                                         "resumed_from": resumed_from, "eval_loss": eval_loss,
+                                         "engine": type(trainer.model_wrapped).__name__,
+                                         "dtype": str(next(trainer.model_wrapped.module.parameters()).dtype), "deepspeed": deepspeed.__file__,
                                          "deepspeed_version": deepspeed.__version__}), flush=True)
 
 
