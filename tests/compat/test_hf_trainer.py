@@ -122,8 +122,9 @@ def _launch(python, tmp_path, *args):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_trainer_trains_saves_and_resumes(alias_venv, tmp_path, stage):
-    """At stage 3 the model is built inside `deepspeed.zero.Init` (from_config) and saving gathers the
-    16-bit weights (`zero_gather_16bit_weights_on_model_save`, `_zero3_consolidated_16bit_state_dict`)."""
+    """At stage 3 the model is built inside `deepspeed.zero.Init` (from_config, then from_pretrained) and
+    saving gathers the 16-bit weights (`zero_gather_16bit_weights_on_model_save`,
+    `_zero3_consolidated_16bit_state_dict`)."""
     steps = ("--zero_stage", str(stage), "--max_steps", "8", "--save_steps", "4")
     first = _launch(alias_venv, tmp_path, *steps)
     assert first["deepspeed"].startswith(os.path.dirname(os.path.dirname(alias_venv)))  # the venv's alias
@@ -137,7 +138,10 @@ def test_trainer_trains_saves_and_resumes(alias_venv, tmp_path, stage):
         assert _whole_weights(folder)["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
 
     shutil.rmtree(tmp_path / "out" / "checkpoint-8")
-    resumed = _launch(alias_venv, tmp_path, *steps, "--resume", "--evaluate")
+    # At stage 3 the resumed run starts as fine-tuning does: from_pretrained (under zero.Init) of the
+    # checkpoint's model.safetensors, then the engine checkpoint on top.
+    pretrained = ("--from_pretrained", "out/checkpoint-4") if stage == 3 else ()
+    resumed = _launch(alias_venv, tmp_path, *steps, *pretrained, "--resume", "--evaluate")
     assert resumed["resumed_from"] == 4 and resumed["global_step"] == 8 and resumed["engine"] == "Engine"
     assert resumed["eval_loss"] < first["losses"][0], resumed  # trainer.evaluate() through the engine
     # Steps 5-8 again, from the restored weights, optimizer, scheduler, RNG and data position.

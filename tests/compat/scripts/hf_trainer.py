@@ -70,6 +70,7 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--evaluate", action="store_true")
+    parser.add_argument("--from_pretrained", default=None, help="a local model folder (save_pretrained) to start from")
     parser.add_argument("--local_rank", type=int, default=-1)  # DeepSpeed-style launchers may pass it
     args = parser.parse_args()
 
@@ -82,8 +83,12 @@ def main():
         use_cpu=not torch.cuda.is_available())
     torch.manual_seed(0)
     # from_config, as users build a fresh model: under ZeRO-3 transformers builds it inside deepspeed.zero.Init.
-    model = AutoModelForCausalLM.from_config(
-        GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0))
+    if args.from_pretrained:  # under ZeRO-3 loaded into zero.Init-partitioned parameters
+        model = AutoModelForCausalLM.from_pretrained(args.from_pretrained)
+    else:
+        model = AutoModelForCausalLM.from_config(
+            GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2, bos_token_id=0,
+                       eos_token_id=0))
     log = LossLog()
     trainer = Trainer(model=model, args=training_args, train_dataset=SyntheticSequences(256), callbacks=[log])
     resumed_from = None
