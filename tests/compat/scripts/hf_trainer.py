@@ -8,7 +8,6 @@ Runs on CPU ranks and on GPUs alike (the Trainer picks the device).
 """
 import argparse
 import json
-import os
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, Trainer, TrainerCallback, TrainingArguments
