@@ -341,11 +341,13 @@ class Engine(EngineCompat, torch.nn.Module):
         if load_lr_scheduler_states and self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
+    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True,
+                        exclude_frozen_parameters=False):
+        # The keyword is spelled out: the HF Trainer looks for it in this signature before passing it.
         from .checkpoint import engine_io
         self.wait_params()
         return engine_io.save(self, save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest,
-                              **kwargs)
+                              exclude_frozen_parameters=exclude_frozen_parameters)
 
     def load_checkpoint(self, load_dir, tag=None, **kwargs):
         from .checkpoint import engine_io

@@ -107,6 +107,11 @@ class EngineCompat:
     def zero_cpu_offload(self) -> bool:
         return self.config.zero.offload_optimizer_device == "cpu"
 
+    def zero_gather_16bit_weights_on_model_save(self) -> bool:
+        """`zero_optimization.stage3_gather_16bit_weights_on_model_save`: whether saving the model may gather
+        sharded parameters (Accelerate's `get_state_dict` asks before `_zero3_consolidated_16bit_state_dict`)."""
+        return self.config.zero.gather_16bit_weights_on_model_save
+
     def zero_allow_untested_optimizer(self) -> bool:
         return self.config.zero_allow_untested_optimizer
 
