@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
+import accelerate  # noqa: E402,F401  (the test extra installs both; missing is a failure, not a skip)
+import transformers  # noqa: E402,F401
 
 from test_hf_trainer import REPO, alias_venv, hf_env  # noqa: E402,F401  (alias_venv: the shared fixture)
 
