@@ -32,7 +32,8 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         blocks, inplanes = [], 64
         for i, (planes, n) in enumerate(zip((64, 128, 256, 512), layers)):
-            stage = [BasicBlock(inplanes, planes, 1 if i == 0 else 2)] + [BasicBlock(planes, planes) for _ in range(n - 1)]
+            stage = [BasicBlock(inplanes, planes, 1 if i == 0 else 2)]
+            stage += [BasicBlock(planes, planes) for _ in range(n - 1)]
             blocks.append(nn.Sequential(*stage))
             inplanes = planes
         self.layer1, self.layer2, self.layer3, self.layer4 = blocks
