@@ -19,10 +19,10 @@ SCRIPTS = {"gan/gan_deepspeed_train.py": "gan/gan_deepspeed_train.diff",
            "hello_deepspeed/train_bert_ds.py": "hello_deepspeed/train_bert_ds.diff"}
 
 
-def _launch(tmp_path, script, *args, timeout=300):
+def _launch(tmp_path, script, *args, ranks=2, timeout=300):
     env = {k: v for k, v in os.environ.items() if k not in ("DS_ENV_FILE", "CUDA_VISIBLE_DEVICES")}
     env.update(PYTHONPATH=REPO, HOME=str(tmp_path), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2",
+    done = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", str(ranks),
                            os.path.join(EXAMPLES, script), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=timeout)
     output = done.stdout + done.stderr
@@ -36,6 +36,7 @@ def _floats(pattern, output):
     return values
 
 
+@pytest.mark.slow
 def test_gan_two_engines(tmp_path):
     """Two engines, the generator's backward through the discriminator (runtime/zero/reducer.py's [Note:
     stray gradients]), the upstream config (stage 0, a client torch Adam beside the config's optimizer)."""
@@ -48,6 +49,7 @@ def test_gan_two_engines(tmp_path):
     assert (tmp_path / "out" / "real_samples.png").exists()
 
 
+@pytest.mark.slow
 def test_cifar_trains(tmp_path):
     """The config dict of the script (WarmupLR, gradient clipping, overlap_comm, the deprecated
     cpu_offload key), ZeRO stage 1 from its --stage flag; the same two batches each epoch, so the loss of
@@ -60,6 +62,7 @@ def test_cifar_trains(tmp_path):
     assert "Accuracy of the network on the 20 test images" in out
 
 
+@pytest.mark.slow
 def test_imagenet_resnet18(tmp_path):
     """ResNet-18 (BatchNorm) with a client SGD, the upstream ds_config.json (stage 0, cuda_visible_devices),
     1 epoch of 2 steps, validation with all_reduce, the script's own gather of losses and its checkpoint."""
@@ -70,16 +73,23 @@ def test_imagenet_resnet18(tmp_path):
     assert (tmp_path / "Acc_loss_log.xlsx").exists() and (tmp_path / "checkpoint.pth.tar").exists()
 
 
-def test_hello_deepspeed_bert(tmp_path):
+@pytest.mark.slow
+def test_hello_deepspeed_bert_saves_and_resumes_on_more_ranks(tmp_path):
     """The Roberta MLM of HelloDeepSpeed (tied embedding and decoder weights) from a tiny transformers
     config, with the script's own config: bf16, ZeRO stage 1, optimizer offload to CPU; it saves a
-    checkpoint with client state at the end."""
-    out = _launch(tmp_path, "hello_deepspeed/train_bert_ds.py", "--checkpoint_dir", "exp", "--num_layers", "1",
-                  "--num_heads", "2", "--ff_dim", "32", "--h_dim", "16", "--batch_size", "2",
-                  "--max_seq_length", "32", "--num_iterations", "4", "--log_every", "1")
-    assert len(_floats(r"Loss: ([\d.]+)", out)) == 3
-    saved = [d for d in (tmp_path / "exp").iterdir() if (d / "latest").exists()]
-    assert saved and (saved[0] / "global_step3").is_dir(), out[-3000:]
+    checkpoint with client state, which the 2-rank run resumes (`--load_checkpoint_dir`). The first run
+    has 1 rank: the script names its experiment folder after each rank's clock second, so 2 ranks
+    starting a second apart would save into two folders."""
+    tiny = ["--num_layers", "1", "--num_heads", "2", "--ff_dim", "32", "--h_dim", "16", "--batch_size", "2",
+            "--max_seq_length", "32", "--log_every", "1"]
+    _launch(tmp_path, "hello_deepspeed/train_bert_ds.py", "--checkpoint_dir", "exp", "--num_iterations", "3",
+            *tiny, ranks=1)
+    [exp] = (tmp_path / "exp").iterdir()
+    assert (exp / "latest").read_text().strip() == "global_step2"
+    out = _launch(tmp_path, "hello_deepspeed/train_bert_ds.py", "--load_checkpoint_dir", str(exp),
+                  "--num_iterations", "6", *tiny)
+    assert len(_floats(r"Loss: ([\d.]+)", out)) == 2  # steps 4 and 5 after the saved checkpoint_step 3
+    assert (exp / "latest").read_text().strip() == "global_step4", out[-3000:]
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
