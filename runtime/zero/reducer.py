@@ -61,7 +61,10 @@ engine's next backward finds it under its own gradient (the hook sees their sum)
 backward; a boundary `step()` reached first reduces what is left (`fold_stray`) before the optimizer reads
 the gradients, as the optimizer of a plain module would read `.grad`. The fold communicates only when
 strays exist, which data-parallel ranks running the same code agree on. ZeRO-3 refuses them: its weights
-are partitioned outside the engine's own forward and backward.
+are partitioned outside the engine's own forward and backward. (DeepSpeed's ZeRO-1/2 hooks move such a
+gradient into their reduce buckets at once, out of reach of the module's `zero_grad()`, so there a GAN's
+discriminator step also applies the generator loss's gradient; dsrun keeps PyTorch's result at every
+stage, which tests/runtime/test_two_engines.py checks.)
 """
 from __future__ import annotations
 
