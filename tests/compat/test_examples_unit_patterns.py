@@ -132,23 +132,26 @@ def _checkpoint_correctness(rank, world, save_dir):
 
 def _direct_backward(rank, world):
     """A plain `loss.backward()` before `engine.step()` (DeepSpeed's engines take it at ZeRO stages): the
-    gradients are reduced at the step (runtime/zero/reducer.py's [Note: stray gradients])."""
+    gradients are reduced at the step (runtime/zero/reducer.py's [Note: stray gradients]); with gradient
+    accumulation the script divides by it, as `engine.backward` does."""
     import dsrun as deepspeed
     out = {}
     for stage in (0, 1, 2):
-        weights = []
-        for direct in (False, True):
-            torch.manual_seed(0)
-            model = SimpleModel()
-            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=_config(stage))
-            data = random_dataset(4 * world, seed=rank)
-            for i in range(2):
-                loss = engine(data[i * 2:(i + 1) * 2][0], data[i * 2:(i + 1) * 2][1])
-                loss.backward() if direct else engine.backward(loss)
-                engine.step()
-            weights.append(torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()]))
-            engine.destroy()
-        out[stage] = torch.allclose(weights[0], weights[1], atol=1e-6)
+        for gas in (1, 2):
+            weights = []
+            for direct in (False, True):
+                torch.manual_seed(0)
+                model = SimpleModel()
+                engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                  config=_config(stage, gradient_accumulation_steps=gas))
+                x, y = random_dataset(8, seed=rank)[:]
+                for i in range(4):
+                    loss = engine(x[i * 2:(i + 1) * 2], y[i * 2:(i + 1) * 2])
+                    (loss / gas).backward() if direct else engine.backward(loss)
+                    engine.step()
+                weights.append(torch.cat([p.detach().reshape(-1) for p in engine.module.parameters()]))
+                engine.destroy()
+            out[(stage, gas)] = torch.allclose(weights[0], weights[1], atol=1e-6)
     return out
 
 
@@ -170,4 +173,4 @@ def test_deepspeed_unit_test_patterns(tmp_path):
         # DeepSpeed's WarmupLR: the k-th step sets iteration k-1, whose linear gamma is (k-1)/4
         assert [p[0][0] for p in parity] == pytest.approx([0.001, 0.001, 0.00325, 0.0055]), parity
         assert out["checkpoint"] == (True, (True, True, True), True)
-        assert out["direct"] == {0: True, 1: True, 2: True}
+        assert out["direct"] == {(stage, gas): True for stage in (0, 1, 2) for gas in (1, 2)}
