@@ -324,7 +324,10 @@ class GradReducer:
             return self._launch_all_to_all(bucket, src, out, full, overwrite)
         send = src if src.dtype == self.reduce_dtype else src.to(self.reduce_dtype)
         if self.pre_factor != 1.0:
-            send.mul_(self.pre_factor)
+            # `shard_at_boundary` keeps its full buffer unreduced: a later backward of the same step (or
+            # fold_stray) reduces it again, so it must not be prescaled in place
+            keep = send is src and self.mode == SHARD_AT_BOUNDARY
+            send = send.mul(self.pre_factor) if keep else send.mul_(self.pre_factor)
         if self.mode == REPLICATED:
             work = self.comm.all_reduce(send, async_op=self.overlap)
             finalize = (lambda: src.copy_(send)) if send is not src else None

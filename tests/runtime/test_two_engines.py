@@ -104,3 +104,32 @@ def _stage3(rank, world):
 def test_stage3_refuses_stray_gradients_by_name():
     for message in run_ranks(_stage3, world_size=2):
         assert "arrived outside this engine's backward" in message and "ZeRO stage 3" in message, message
+
+
+def _prescaled_rereduction(rank, world):
+    """ZeRO-1 with gradient accumulation reduces its full buffer at the boundary; a stray gradient arriving
+    after that reduces the buffer again at the step. With prescale_gradients the first reduction used to
+    halve the buffer in place, so the second counted the earlier gradients at half weight."""
+    import dsrun
+    weights = []
+    for prescale in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        engine, *_ = dsrun.initialize(model=model, config={
+            "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "zero_optimization": {"stage": 1},
+            "optimizer": {"type": "SGD", "params": {"lr": 0.1}}, "prescale_gradients": prescale,
+            "gradient_predivide_factor": 2.0})
+        g = torch.Generator().manual_seed(rank)
+        xs = [torch.randn(2, 4, generator=g) for _ in range(3)]
+        engine.backward(engine(xs[0]).pow(2).sum())
+        engine.step()
+        engine.backward(engine(xs[1]).pow(2).sum())  # the boundary: reduced here
+        (engine(xs[2]).pow(2).sum() / 2).backward()  # outside engine.backward: reduced again at the step
+        engine.step()
+        weights.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+        engine.destroy()
+    return torch.allclose(weights[0], weights[1], atol=1e-6)
+
+
+def test_prescaled_buffer_reduced_twice_counts_once():
+    assert run_ranks(_prescaled_rereduction, world_size=2) == [True, True]
