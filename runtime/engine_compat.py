@@ -4,7 +4,8 @@ Engine (runtime/engine.py) composes the runtime; this mixin adds DeepSpeed's sur
 engine's public members (`config`, `module`, `loss_scaler`, `zero_optimization_stage()`, ...; `no_sync`
 also saves and restores the engine's `_boundary_override`):
 config getters (`steps_per_print()`, `zero_optimization_partition_gradients()`, `get_batch_info()`,
-`dynamic_loss_scale()`, ...), runtime batch-size setters, `module_state_dict()`, `no_sync()`, and the
+`dynamic_loss_scale()`, ...), runtime batch-size setters, `module_state_dict()`, `deepspeed_io()`,
+`no_sync()`, and the
 pieces Engine wires in itself: `compat_getattr` (unknown attributes name the engine) and
 `optimizer_view` (the optimizer as `engine.optimizer`, with DeepSpeed's wrapper attributes
 `loss_scaler`, `cur_scale`, `overflow`, `dynamic_loss_scale`).
@@ -165,6 +166,26 @@ class EngineCompat:
                 if not p.requires_grad:
                     sd.pop(prefix + name, None)
         return sd
+
+    # -- data ------------------------------------------------------------------------------------------
+
+    def deepspeed_io(self, dataset, batch_size=None, route=None, pin_memory=True, data_sampler=None,
+                     collate_fn=None, num_local_io_workers=None):
+        """DeepSpeed's loader over `dataset` (its unit tests build theirs with it): `batch_size` (default the
+        micro batch) samples per batch from `data_sampler`, else from this rank's DistributedSampler shard
+        of the data-parallel group, as `initialize(training_data=...)` builds. Pinned only on a GPU."""
+        import torch.distributed as dist
+        from torch.utils.data import DataLoader
+        from .dataloader import build_dataloader
+        batch = batch_size or self.train_micro_batch_size_per_gpu()
+        pin = bool(pin_memory) and self.device.type == "cuda"
+        workers = num_local_io_workers or 0
+        if data_sampler is not None:
+            return DataLoader(dataset, batch_size=batch, sampler=data_sampler, collate_fn=collate_fn,
+                              num_workers=workers, pin_memory=pin)
+        return build_dataloader(dataset, micro_batch_size=batch, rank=dist.get_rank(self.dp_group),
+                                world_size=self.dp_world_size, collate_fn=collate_fn, num_workers=workers,
+                                pin_memory=pin)
 
     # -- no_sync -----------------------------------------------------------------------------------------
 

@@ -173,7 +173,8 @@ class ZeroOptimizer:
         NaN, every update kernel then leaves its bucket as it was, and publishing republishes the unchanged
         weights. The host counted the step as applied; `StepResult.overflow` tells it later, and
         `undo_step()` takes the step counts back."""
-        self.after_backward()  # no-op after engine.backward; covers a direct loss.backward()
+        self.after_backward()  # no-op after engine.backward
+        self.reducer.fold_stray()  # gradients of other backwards ([Note: stray gradients] in reducer.py)
         try:
             return self._step(loss_scale, max_norm, check_overflow, skip_on_device)
         finally:

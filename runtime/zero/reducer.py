@@ -52,6 +52,19 @@ coefficient it applies anyway. Gradients are pre-multiplied before communicating
 (`prescale_gradients`) or when the wire dtype is fp16, where a sum over ranks could overflow.
 `contiguous_gradients` is always on (gradients are always copied into flat buckets);
 `overlap_comm` false waits on each collective right after launching it.
+
+[Note: stray gradients] A gradient that reaches this engine's parameters outside its own backward (a
+GAN's generator loss flowing through the discriminator, a plain `loss.backward()`) is left in
+`param.grad`, where PyTorch accumulates further ones, as it does for a plain module and DeepSpeed does at
+stage 0. What happens to it next is PyTorch's: `zero_grad()` of the module or the engine drops it; this
+engine's next backward finds it under its own gradient (the hook sees their sum) and reduces it with that
+backward; a boundary `step()` reached first reduces what is left (`fold_stray`) before the optimizer reads
+the gradients, as the optimizer of a plain module would read `.grad`. The fold communicates only when
+strays exist, which data-parallel ranks running the same code agree on. ZeRO-3 refuses them: its weights
+are partitioned outside the engine's own forward and backward. (DeepSpeed's ZeRO-1/2 hooks move such a
+gradient into their reduce buckets at once, out of reach of the module's `zero_grad()`, so there a GAN's
+discriminator step also applies the generator loss's gradient; dsrun keeps PyTorch's result at every
+stage, which tests/runtime/test_two_engines.py checks.)
 """
 from __future__ import annotations
 
@@ -77,6 +90,7 @@ class GradReducer:
                  dtype_of: Callable[[str], torch.dtype], accumulation_steps: int = 1, copy_engines: bool = False,
                  transient: bool = False):
         self.layout, self.comm = layout, comm
+        self.params_sharded = bool(sharding.parameters)  # ZeRO-3: [Note: stray gradients]
         sharded = layout.sharded and comm.world_size > 1
         self.mode = (SHARD_EVERY_STEP if sharded and (sharding.gradients or accumulation_steps == 1) else
                      SHARD_AT_BOUNDARY if sharded else REPLICATED)
@@ -222,22 +236,39 @@ class GradReducer:
 
     def _make_hook(self, slot):
         def hook(param):
+            if param.grad is None:
+                return
+            if not self._in_backward:  # [Note: stray gradients]: stays in param.grad
+                if self.params_sharded:
+                    raise RuntimeError(
+                        f"gradient of {slot.name!r} arrived outside this engine's backward: another engine's "
+                        "backward() (or a direct loss.backward()) reached this model's parameters, which ZeRO "
+                        "stage 3 does not take (stages 0-2 keep them until zero_grad() or the next step); detach "
+                        "the path into this model where its gradients are not wanted (`fake.detach()` in a GAN)")
+                return
             grad = param.grad
             param.grad = None
-            if grad is None:
-                return
             self._take(slot, grad)
         return hook
 
+    def fold_stray(self) -> bool:
+        """[Note: stray gradients] Before a boundary step: reduce the gradients other backwards left in
+        `.grad` since this engine's last backward, adding them to the accumulated ones. Returns whether
+        there were any (a collective ran only then)."""
+        stray = [s for s in self.layout.slots if s.param.grad is not None]
+        if not stray:
+            return False
+        self.begin_micro_step(boundary=True)
+        try:
+            for s in stray:
+                grad, s.param.grad = s.param.grad, None
+                self._take(s, grad)
+        finally:
+            self.finish_backward()
+        return True
+
     def _take(self, slot, grad: torch.Tensor) -> None:
         b = slot.bucket
-        if self._launched[b] and not self._in_backward:
-            raise RuntimeError(
-                f"gradient of {slot.name!r} arrived outside this engine's backward, after the engine had reduced "
-                "its bucket: another engine's backward() (or a direct loss.backward()) reached this model's "
-                "parameters. dsrun does not yet take such gradients into parameters it already reduced (DeepSpeed "
-                "accumulates them until zero_grad()); detach the path into this model where its gradients are "
-                "not wanted (a GAN's discriminator loss takes `fake.detach()`)")
         if self._launched[b]:
             raise RuntimeError(
                 f"gradient of {slot.name!r} arrived after its bucket was reduced (a parameter reached twice "
@@ -293,7 +324,10 @@ class GradReducer:
             return self._launch_all_to_all(bucket, src, out, full, overwrite)
         send = src if src.dtype == self.reduce_dtype else src.to(self.reduce_dtype)
         if self.pre_factor != 1.0:
-            send.mul_(self.pre_factor)
+            # `shard_at_boundary` keeps its full buffer unreduced: a later backward of the same step (or
+            # fold_stray) reduces it again, so it must not be prescaled in place
+            keep = send is src and self.mode == SHARD_AT_BOUNDARY
+            send = send.mul(self.pre_factor) if keep else send.mul_(self.pre_factor)
         if self.mode == REPLICATED:
             work = self.comm.all_reduce(send, async_op=self.overlap)
             finalize = (lambda: src.copy_(send)) if send is not src else None
