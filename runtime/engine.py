@@ -96,9 +96,6 @@ class Engine(EngineCompat, torch.nn.Module):
         if config.offload.params.value != "none":
             raise ConfigError("parameter offload is not implemented yet (optimizer offload to the CPU is)",
                               where="zero_optimization.offload_param", hint="remove offload_param")
-        if config.offload.optimizer.value == "nvme":
-            raise ConfigError("optimizer offload to NVMe is not implemented yet; use device 'cpu'",
-                              where="zero_optimization.offload_optimizer.device", hint="set it to \"cpu\"")
 
     # -- the training loop -------------------------------------------------------------------------
 

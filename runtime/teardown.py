@@ -45,9 +45,10 @@ import sys
 import threading
 import weakref
 
-__all__ = ["track_engine", "ensure_registered", "note_uncaught", "at_exit", "flush_streams"]
+__all__ = ["track_engine", "track_path", "ensure_registered", "note_uncaught", "at_exit", "flush_streams"]
 
 _engines: "weakref.WeakSet" = weakref.WeakSet()
+_paths: set = set()  # folders removed at exit, also on the fast exit (NVMe swap folders, runtime/zero/swap.py)
 _lock = threading.Lock()
 _registered = False
 _uncaught = None  # the type of an uncaught exception seen by the excepthook, if any
@@ -66,6 +67,22 @@ def track_engine(engine) -> None:
     """Destroy `engine` at exit unless it is gone (or destroyed) before."""
     _engines.add(engine)
     ensure_registered()
+
+
+def track_path(path: str) -> None:
+    """Remove folder `path` at exit, whether the script ends normally or by an uncaught exception."""
+    with _lock:
+        _paths.add(path)
+    ensure_registered()
+
+
+def _remove_paths() -> None:
+    from .zero.swap import remove_folder
+    with _lock:
+        paths = list(_paths)
+        _paths.clear()
+    for path in paths:
+        remove_folder(path)
 
 
 def note_uncaught(exc_type) -> None:
@@ -89,6 +106,7 @@ def _leave_now(exc_type) -> None:
     except Exception:
         pass
     flush_streams()
+    _remove_paths()
     if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
@@ -105,6 +123,7 @@ def at_exit() -> None:
         except Exception as exc:  # one broken engine must not keep the process groups alive
             logging.getLogger("dsrun").debug("engine teardown at exit failed: %s", exc)
     _engines.clear()
+    _remove_paths()
     try:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():

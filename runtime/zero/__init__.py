@@ -32,7 +32,8 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
         accumulation_steps: gradient accumulation steps (1 lets ZeRO-1 skip its full gradient buffer).
         zero_config: the `zero_optimization` section (ZeRO-3's unit, prefetch and persistence keys).
         offload: `OffloadPolicy`; optimizer offload to the CPU keeps masters and optimizer state in host
-            memory and steps there (offload.py), after checking the host has room for them.
+            memory and steps there (offload.py), after checking the host has room for them; to NVMe
+            keeps them in files between their buckets' steps (nvme.py), after checking the disk.
     """
     from .reducer import GradReducer
     comm = Comm(group)
@@ -60,10 +61,17 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
                           copy_engines=copy_engines, transient=sharding.parameters)
     if sharding.parameters:
         weights.attach(reducer)
-    offload_pin = None
+    offload_pin, nvme = None, None
     if offload is not None and offload.optimizer.value == "cpu":
         from .offload import check_layout_budget
         check_layout_budget(layout, optimizer, device=device, param_dtype=param_dtype)
         offload_pin = offload.pin_memory
+    elif offload is not None and offload.optimizer.value == "nvme":
+        import torch.distributed as dist
+
+        from .nvme import nvme_optimizer_offload
+        nvme = nvme_optimizer_offload(layout, optimizer, policy=offload,
+                                      rank=dist.get_rank() if dist.is_initialized() else 0)
+        offload_pin = offload.pin_memory
     return ZeroOptimizer(module, optimizer, layout=layout, weights=weights, reducer=reducer, comm=comm,
-                         precision=precision, dtype_of=dtype_of, frozen=frozen, offload_pin=offload_pin)
+                         precision=precision, dtype_of=dtype_of, frozen=frozen, offload_pin=offload_pin, nvme=nvme)

@@ -64,7 +64,7 @@ class ZeroOptimizer:
     """The sharding strategy of ZeRO stages 0-3 (see the module doc)."""
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, layout: FlatLayout, weights,
-                 reducer: GradReducer, comm: Comm, precision, dtype_of, frozen, offload_pin=None):
+                 reducer: GradReducer, comm: Comm, precision, dtype_of, frozen, offload_pin=None, nvme=None):
         self.module, self.optimizer, self.comm = module, optimizer, comm
         self.layout, self.weights, self.reducer, self.frozen = layout, weights, reducer, frozen
         self.sharded = layout.sharded and comm.world_size > 1
@@ -73,7 +73,12 @@ class ZeroOptimizer:
         self.masters: List[torch.Tensor] = weights.make_masters(dtype_of(precision.master_dtype), self.aliased)
         offload = None
         self._host_grads = True  # masters and reduced gradients on one device: grads attach as .grad
-        if offload_pin is not None:  # optimizer offload (offload.py): masters on the host
+        self.nvme = None  # NVMe offload (nvme.py): host masters and states in files between their steps
+        if offload_pin is not None and nvme is not None:
+            offload = {"targets": self._offload_targets(separate=True), "pin": offload_pin}
+            self.nvme = offload["residency"] = nvme(optimizer, self.masters)
+            self.masters, self.aliased, self._host_grads = self.nvme.masters, False, False
+        elif offload_pin is not None:  # optimizer offload (offload.py): masters on the host
             offload = {"targets": self._offload_targets(), "pin": offload_pin}
             if weights.device.type != "cpu":
                 from .offload import host_masters
@@ -102,14 +107,14 @@ class ZeroOptimizer:
 
     # -- step ----------------------------------------------------------------------------------------
 
-    def _offload_targets(self) -> List:
+    def _offload_targets(self, *, separate: bool = False) -> List:
         """Per bucket, where the host step's updated weights go on the device: the working chunk, else
         (ZeRO-3's master-is-the-shard) the device master; None when the master is the working chunk on
-        a CPU device."""
+        a CPU device, unless the host masters are `separate` tensors (NVMe: they leave memory)."""
         targets = []
         for b, m in enumerate(self.masters):
             w = self.weights.owned(b)
-            on_host = self.weights.device.type == "cpu"
+            on_host = self.weights.device.type == "cpu" and not separate
             if w is None:
                 targets.append(None if on_host else m)
             else:
@@ -255,6 +260,8 @@ class ZeroOptimizer:
 
     def checkpoint_shards(self) -> List[ParamShard]:
         """One `ParamShard` per `module.named_parameters()` entry (see runtime/shard_state.py)."""
+        if self.nvme is not None:  # the views below must be readable until the next step
+            self.nvme.swap_in_all()
         by_param = {}
         for slot, lo, hi, master, optim in self.owned_slices():
             by_param[slot.param] = ParamShard(slot.name, slot.shape, self.param_dtype, lo, hi, master, optim)
@@ -270,6 +277,8 @@ class ZeroOptimizer:
     def load_checkpoint_shards(self, read: ReadFn, *, load_optimizer_states: bool = True) -> None:
         """Fill this rank's master (and optimizer) slices from `read(name, key, start, end)`, then
         publish the working weights on every rank. Collective."""
+        if self.nvme is not None:  # creating and loading the state needs it in memory
+            self.nvme.swap_in_all()
         if load_optimizer_states:
             self.ensure_optimizer_state()
         params = dict(self.module.named_parameters())
@@ -336,6 +345,9 @@ class ZeroOptimizer:
 
     def destroy(self) -> None:
         self.wait_params()
+        if self.nvme is not None:  # waits for its I/O, removes its files
+            nvme, self.nvme = self.nvme, None
+            nvme.close()
         self.weights.destroy()
         self.reducer.remove()
         for m in self.masters:

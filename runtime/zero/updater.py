@@ -132,11 +132,14 @@ class HostOffloadUpdater(_Updater):
     shard when the master is the shard), None when the host master is itself the working chunk (fp32 on
     a CPU device)."""
 
-    def __init__(self, optimizer, *, weights, masters, aliased, bucket_of_master, targets, pin: bool):
+    def __init__(self, optimizer, *, weights, masters, aliased, bucket_of_master, targets, pin: bool,
+                 residency=None):
         super().__init__(optimizer, weights=weights, masters=masters, aliased=aliased,
                          bucket_of_master=bucket_of_master)
         from .offload import offload_kind
         self.targets, self.pin = targets, pin
+        # where masters and states are between steps: host memory, or files (nvme.py's `resident` hook)
+        self.residency = residency or _ALWAYS_RESIDENT
         self.kind = offload_kind(optimizer)
         self._host_grads: Dict[int, torch.Tensor] = {}
         self._staging: Dict[int, torch.Tensor] = {}
@@ -199,6 +202,10 @@ class HostOffloadUpdater(_Updater):
             self.weights.publish(b)
 
     def _kernel_step(self, master, grad, group, out) -> None:
+        with self.residency.resident(master):  # NVMe offload: swapped in around its step ([Note: NVMe residency])
+            self._fused_step(master, grad, group, out)
+
+    def _fused_step(self, master, grad, group, out) -> None:
         from dsrun.kernels import cpu_ops
         state = self.optimizer.state[master]
         if self.kind == "adagrad":
@@ -229,3 +236,14 @@ class HostOffloadUpdater(_Updater):
             if target is not None:
                 target.copy_(self.masters[b], non_blocking=target.device.type != "cpu")
             self.weights.publish(b)
+
+
+class _AlwaysResident:
+    """Host masters and states that never leave host memory (CPU offload)."""
+
+    @staticmethod
+    def resident(master):
+        return nullcontext()
+
+
+_ALWAYS_RESIDENT = _AlwaysResident()
