@@ -51,7 +51,7 @@ class SwapError(DsrunError):
 def job_folder(nvme_path: str, *, rank: int, job_id: Optional[str] = None) -> str:
     """`<nvme_path>/dsrun-<job id>/rank<rank>`; the job id defaults to DSRUN_JOB_ID, else `pid<pid>`."""
     job = job_id or os.environ.get("DSRUN_JOB_ID") or f"pid{os.getpid()}"
-    return os.path.join(nvme_path, f"dsrun-{job}", f"rank{rank}")
+    return os.path.join(nvme_path, job if job.startswith("dsrun-") else f"dsrun-{job}", f"rank{rank}")
 
 
 def check_nvme_path(nvme_path: str, where: str) -> None:

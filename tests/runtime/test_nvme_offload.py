@@ -79,3 +79,84 @@ def test_nvme_offload_matches_pytorch(nvme_cells, cell):
 def test_swap_folder_is_removed_when_the_engine_ends(nvme_cells):
     for per_rank in nvme_cells:
         assert per_rank["left"] == []
+
+
+FULL_DISK_SCRIPT = textwrap.dedent("""
+    import argparse, resource
+    import torch
+    import dsrun
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--local_rank", type=int, default=0)
+    dsrun.add_config_arguments(parser)
+    args = parser.parse_args()
+    # the drive is "full" past 4 KiB per file; each rank's swap files need 8 KiB
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    torch.manual_seed(0)
+    engine, *_ = dsrun.initialize(args=args, model=torch.nn.Linear(64, 64, bias=False))
+    engine.backward(engine(torch.randn(2, 64)).pow(2).mean())
+    engine.step()
+    print("trained", flush=True)
+""")
+
+
+def test_a_full_disk_is_a_clear_error_and_the_folder_is_removed(tmp_path):
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    cfg = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.1}},
+           "zero_optimization": {"stage": 2, "reduce_bucket_size": 4096,
+                                 "offload_optimizer": {"device": "nvme", "nvme_path": str(swap)}}}
+    (tmp_path / "train.py").write_text(FULL_DISK_SCRIPT)
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    env = {k: v for k, v in os.environ.items() if k != "DS_ENV_FILE"}
+    env["PYTHONPATH"] = REPO
+    done = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", "train.py",
+                           "--deepspeed_config", "ds.json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "NVMe offload could not allocate 8192 bytes in " + str(swap) in out, out
+    assert "file-size limit" in out and "Traceback" not in out, out
+    assert "trained" not in out
+    left = [os.path.join(d, f) for d, _, fs in os.walk(swap) for f in fs]
+    assert os.listdir(swap) == [], (left, out)
+
+
+def test_a_write_past_the_file_size_limit_is_an_error_not_a_signal(tmp_path):
+    """The pwrite path itself (filesystems without fallocate): a short write, then EFBIG, never SIGXFSZ."""
+    code = textwrap.dedent(f"""
+        import os, resource
+        from dsrun.runtime.zero import swap
+        swap._ignore_sigxfsz()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        path = {str(tmp_path / "f.swp")!r}
+        fd = os.open(path, os.O_RDWR | os.O_CREAT)
+        try:
+            swap._write(fd, path, memoryview(bytes(3000)), 0, 3000)
+        except swap.SwapError as exc:
+            print("refused:", exc)
+        print("size", os.path.getsize(path))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert f"refused: NVMe offload could not write 3000 bytes in {tmp_path / 'f.swp'}" in done.stdout
+    assert "file-size limit" in done.stdout and "size 1000" in done.stdout
+
+
+def test_nvme_budget_check_and_a_missing_path_are_config_errors(tmp_path):
+    from dsrun.errors import ConfigError
+    from dsrun.runtime.zero.nvme import nvme_bytes_needed
+    from dsrun.runtime.zero.swap import check_disk_budget, check_nvme_path
+    # 1B parameters over 8 ranks, 8 per node: fp32 master + Adam's 2 states per owned element
+    needed = nvme_bytes_needed(10**9 // 8, state_elems=2, local_ranks=8)
+    assert needed == 12 * 10**9
+    check_disk_budget(str(tmp_path), needed, local_ranks=8, where="k", free=needed)
+    with pytest.raises(ConfigError) as err:
+        check_disk_budget(str(tmp_path), needed, local_ranks=8, where="zero_optimization.offload_optimizer.nvme_path",
+                          free=10**9)
+    msg = str(err.value)
+    assert str(needed) in msg and str(10**9) in msg and "zero_optimization.offload_optimizer.nvme_path" in msg
+    assert err.value.exit_code == 2
+    with pytest.raises(ConfigError, match="not an existing directory"):
+        check_nvme_path(str(tmp_path / "nope"), "k")
