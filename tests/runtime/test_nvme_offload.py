@@ -160,3 +160,41 @@ def test_nvme_budget_check_and_a_missing_path_are_config_errors(tmp_path):
     assert err.value.exit_code == 2
     with pytest.raises(ConfigError, match="not an existing directory"):
         check_nvme_path(str(tmp_path / "nope"), "k")
+
+
+def _save_nvme(rank, world, ckpt, swap):
+    import dsrun
+    data = make_data(world, STEPS + 1)
+    engine, *_ = dsrun.initialize(model=make_model(), config=nvme_config(3, world, swap))
+    train(engine, rank, world, data[:STEPS])
+    engine.save_checkpoint(ckpt, tag="t")
+    train(engine, rank, world, data[STEPS:])  # the state swapped in for the save goes back to the files
+    state = {k: v.clone() for k, v in engine.module_state_dict().items()}
+    engine.destroy()
+    return state
+
+
+def _load(rank, world, ckpt, swap):
+    import dsrun
+    cfg = nvme_config(1, world, swap, optimizer="nvme" if swap else None)
+    engine, *_ = dsrun.initialize(model=make_model(), config=cfg)
+    engine.load_checkpoint(ckpt, tag="t")
+    x, y = make_data(2, STEPS + 1)[STEPS]  # the same global batch the 2-rank run took
+    for k in range(GAS):
+        rows = slice(k * 2 * MICRO, (k + 1) * 2 * MICRO)
+        engine.backward(torch.nn.functional.mse_loss(engine(x[rows]), y[rows]))
+        engine.step()
+    state = {k: v.clone() for k, v in engine.module_state_dict().items()}
+    engine.destroy()
+    return state
+
+
+@pytest.mark.parametrize("into", ("plain", "nvme"))
+def test_checkpoint_with_nvme_offload_loads_at_another_world_size(tmp_path, into):
+    (tmp_path / "swap").mkdir()
+    saved = run_ranks(_save_nvme, world_size=2, args=(str(tmp_path / "ckpt"), str(tmp_path / "swap")), timeout=120)[0]
+    swap = str(tmp_path / "swap") if into == "nvme" else None
+    loaded = run_ranks(_load, world_size=1, args=(str(tmp_path / "ckpt"), swap), timeout=120)[0]
+    assert saved.keys() == loaded.keys()
+    for k in saved:
+        torch.testing.assert_close(loaded[k], saved[k], rtol=1e-4, atol=1e-6)
