@@ -81,8 +81,10 @@ class ZeroOptimizer:
         elif offload_pin is not None:  # optimizer offload (offload.py): masters on the host
             offload = {"targets": self._offload_targets(), "pin": offload_pin}
             if weights.device.type != "cpu":
-                from .offload import host_masters
-                self.masters, self.aliased, self._host_grads = host_masters(self.masters, pin=offload_pin), False, False
+                if any(m.device.type != "cpu" for m in self.masters):  # host masters from parameter offload stay
+                    from .offload import host_masters
+                    self.masters = host_masters(self.masters, pin=offload_pin)
+                self.aliased, self._host_grads = False, False
         # the optimizer sees master chunks only
         for g, group in enumerate(optimizer.param_groups):
             group["params"] = [self.masters[b.index] for b in layout.group_buckets(g)]
@@ -116,9 +118,12 @@ class ZeroOptimizer:
             w = self.weights.owned(b)
             on_host = self.weights.device.type == "cpu" and not separate
             if w is None:
-                targets.append(None if on_host else m)
+                target = None if on_host else m
             else:
-                targets.append(None if on_host and self.aliased else w)
+                target = None if on_host and self.aliased else w
+            if target is not None and not separate and target.device.type == "cpu" and target is m:
+                target = None  # the host master is itself the shard ([Note: parameter offload] in unit_weights.py)
+            targets.append(target)
         return targets
 
     def _attach_grads(self) -> None:

@@ -15,6 +15,13 @@ shard would only ever hold the master's cast, and costs 2 bytes per parameter / 
 on the 1.26B B3 model over 2 ranks); the cast is one elementwise pass over the shard per gather. So
 `owned(b)` is None for such a bucket (the updaters then write only the master) and a parameter's
 `ds_tensor` is its fp32 master slice. Frozen buckets (no master) keep their 16-bit shards.
+
+[Note: parameter offload] With `offload_param: {device: cpu}` (`host_shards`) every shard, and so every
+fp32 master that is a shard, lives in host memory (pinned per `pin_memory`); the optimizer is offloaded
+too (the engine requires it), so the host step writes them in place. A gather copies this rank's shard
+(casting a master) into its chunk of the device buffer, then all-gathers in place; the unit schedule's
+prefetch launches it early, so the copy runs ahead of the layer that needs it. The device holds only
+the units in use.
 """
 from __future__ import annotations
 
@@ -40,8 +47,10 @@ class ZeroParamStatus:
 
 class UnitWeights:
     def __init__(self, module: torch.nn.Module, layout: FlatLayout, units: List[Unit], *, param_dtype: torch.dtype,
-                 comm: Comm, device: torch.device, frozen, zero_config, frozen_layout: Optional[FlatLayout] = None):
+                 comm: Comm, device: torch.device, frozen, zero_config, frozen_layout: Optional[FlatLayout] = None,
+                 host_shards: bool = False, pin: bool = False):
         self.module, self.layout, self.units, self.comm, self.device = module, layout, units, comm, device
+        self.host_shards, self.pin = host_shards, pin  # [Note: parameter offload]
         # bucket indices: the trainable layout's, then the frozen layout's shifted by `num_trainable`
         self.num_trainable = len(layout.buckets)
         self.buckets = list(layout.buckets) + list(frozen_layout.buckets if frozen_layout else [])
@@ -78,10 +87,10 @@ class UnitWeights:
                 for s in bucket.slots:
                     full[s.offset - bucket.start:s.offset - bucket.start + s.numel].copy_(full_value(s.param).reshape(-1))
                 broadcast_from_first(full, self.comm)
-                own = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start].clone()
+                own = self._place(full[bucket.own_start - bucket.start:bucket.own_end - bucket.start].clone())
                 if b < self.num_trainable:
                     self._init_masters.append(own)
-                self.shards.append(own if self.param_dtype == torch.float32 else own.to(self.param_dtype))
+                self.shards.append(own if self.param_dtype == torch.float32 else self._place(own.to(self.param_dtype)))
                 del full
             for s in self.slots_of_all():
                 s.param.data = self._placeholder
@@ -103,6 +112,13 @@ class UnitWeights:
             if u.persistent:
                 self.ensure(u.index)
 
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        """Where a shard lives: on the device, or in (pinned) host memory ([Note: parameter offload])."""
+        if not self.host_shards:
+            return t
+        from .offload import host_tensor
+        return host_tensor(t, pin=self.pin)
+
     def slots_of_all(self):
         return [s for bucket in self.buckets for s in bucket.slots]
 
@@ -115,11 +131,16 @@ class UnitWeights:
     def _gather_into(self, b: int, full: torch.Tensor):
         """Launch bucket b's all-gather into `full` ([Note: the master is the shard])."""
         src = self.shards[b]
-        if src is None:
+        if src is None or self.host_shards:
             bucket = self.buckets[b]
-            src = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start]
-            # the foreach copy casts vectorized on CUDA (a casting copy_ does not: reducer.py's _take)
-            torch._foreach_copy_([src], [self.masters[b]])
+            chunk = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start]
+            if src is not None:  # a host shard ([Note: parameter offload])
+                chunk.copy_(src, non_blocking=True)
+            elif self.host_shards:  # a host master: one casting copy to the device
+                chunk.copy_(self.masters[b], non_blocking=True)
+            else:  # the foreach copy casts vectorized on CUDA (a casting copy_ does not: reducer.py's _take)
+                torch._foreach_copy_([chunk], [self.masters[b]])
+            src = chunk
         return self.comm.all_gather(full, src, async_op=True)
 
     def launch(self, u: int) -> None:

@@ -42,6 +42,7 @@ def _train_nvme(rank, world, path, cells):
     for stage, params, optimizer in cells:
         cfg = nvme_config(stage, world, path, params=params, optimizer=optimizer)
         engine, *_ = dsrun.initialize(model=make_model(), config=cfg)
+        assert getattr(engine.zero.weights, "host_shards", False) == (params == "cpu")
         train(engine, rank, world, make_data(world))
         folder = engine.zero.nvme.swapper.folder if engine.zero.nvme else None
         if folder:
@@ -54,7 +55,7 @@ def _train_nvme(rank, world, path, cells):
     return out
 
 
-CELLS = [(1, False, "nvme"), (2, False, "nvme"), (3, False, "nvme")]
+CELLS = [(1, False, "nvme"), (2, False, "nvme"), (3, False, "nvme"), (3, "cpu", "cpu"), (3, "cpu", "nvme")]
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +199,27 @@ def test_checkpoint_with_nvme_offload_loads_at_another_world_size(tmp_path, into
     assert saved.keys() == loaded.keys()
     for k in saved:
         torch.testing.assert_close(loaded[k], saved[k], rtol=1e-4, atol=1e-6)
+
+
+def _bf16_param_offload(rank, world, path):
+    import dsrun
+    out = []
+    for params, optimizer in (("cpu", "cpu"), ("cpu", "nvme"), (False, None)):
+        cfg = nvme_config(3, world, path, params=params, optimizer=optimizer)
+        cfg["bf16"] = {"enabled": True}
+        engine, *_ = dsrun.initialize(model=make_model(), config=cfg)
+        for x, y in make_data(world):
+            for k in range(GAS):
+                rows = slice((k * world + rank) * MICRO, (k * world + rank + 1) * MICRO)
+                engine.backward(torch.nn.functional.mse_loss(engine(x[rows].bfloat16()).float(), y[rows]))
+                engine.step()
+        out.append(torch.cat([v.float().reshape(-1) for v in engine.module_state_dict().values()]))
+        engine.destroy()
+    return out
+
+
+def test_bf16_parameter_offload_tracks_bf16_without_offload(tmp_path):
+    """bf16 ZeRO-3 whose fp32 masters are the host shards (cast into the device buffer at each gather)."""
+    for cpu, nvme, plain in run_ranks(_bf16_param_offload, world_size=2, args=(str(tmp_path),), timeout=120):
+        assert (cpu - plain).norm() / plain.norm() < 1e-2
+        assert (nvme - plain).norm() / plain.norm() < 1e-2
