@@ -97,9 +97,12 @@ class Engine(EngineCompat, torch.nn.Module):
             raise ConfigError("offload_param needs offload_optimizer too: dsrun updates offloaded parameter shards "
                               "with the host step", where="zero_optimization.offload_param",
                               hint="add \"offload_optimizer\": {\"device\": \"cpu\"} (or remove offload_param)")
-        if config.offload.params.value == "nvme":
-            raise ConfigError("parameter offload to NVMe is not implemented yet; use device \"cpu\"",
-                              where="zero_optimization.offload_param.device", hint="set it to \"cpu\"")
+        if config.offload.params.value == "nvme" and config.offload.optimizer.value != "nvme":
+            raise ConfigError("offload_param to NVMe needs offload_optimizer on NVMe too: the parameter shards are "
+                              "the optimizer's fp32 masters in its swap files",
+                              where="zero_optimization.offload_param.device",
+                              hint="set offload_optimizer.device to \"nvme\" with the same nvme_path, or "
+                                   "offload_param.device to \"cpu\"")
 
     # -- the training loop -------------------------------------------------------------------------
 

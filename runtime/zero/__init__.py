@@ -44,10 +44,11 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
         from .units import build_unit_layout
         layout, frozen_layout, units = build_unit_layout(module, groups, frozen=frozen, zero_config=zero_config,
                                                          world_size=comm.world_size, rank=comm.rank)
-        host_shards = offload is not None and offload.params.value == "cpu"  # [Note: parameter offload]
+        host_shards = offload is not None and offload.params.value != "none"  # [Note: parameter offload]
         weights = UnitWeights(module, layout, units, param_dtype=param_dtype, comm=comm, device=device,
                               frozen=frozen, zero_config=zero_config, frozen_layout=frozen_layout,
-                              host_shards=host_shards, pin=host_shards and offload.pin_memory)
+                              host_shards=host_shards, pin=host_shards and offload.pin_memory,
+                              swapped=offload is not None and offload.params.value == "nvme")
         copy_engines = False
     else:
         from .flat_weights import FlatWeights

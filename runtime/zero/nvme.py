@@ -129,6 +129,33 @@ class NvmeOptimizerState:
                 return c
         return None
 
+    # -- parameter offload to NVMe: the masters are the shards (unit_weights.py) -----------------------
+
+    def make_resident(self, master: torch.Tensor) -> None:
+        """`master` (and its states) in memory until its next step."""
+        if master.numel():
+            self._make_resident(self._index[id(master)])
+
+    def copy_master(self, master: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy (casting) `master` into `dst`: from memory when it is there, else read from its file into
+        memory that is freed right after (a synchronous copy, so `dst` may be on an accelerator)."""
+        b = self._index[id(master)]
+        if not master.numel():
+            return
+        pending = self._reading.pop(b, None)
+        if pending is not None:
+            pending.wait()
+            self._resident.add(b)
+        if b in self._resident or b in self._writing:  # a write in flight leaves the memory as it is
+            dst.copy_(master)
+            return
+        alloc_storage(master)
+        try:
+            self.swapper.read(self._key(b, "master"), master).wait()
+            dst.copy_(master)
+        finally:
+            free_storage(master)
+
     # -- everything at once (checkpoints) --------------------------------------------------------------
 
     def swap_in_all(self) -> None:

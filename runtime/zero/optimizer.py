@@ -75,9 +75,13 @@ class ZeroOptimizer:
         self._host_grads = True  # masters and reduced gradients on one device: grads attach as .grad
         self.nvme = None  # NVMe offload (nvme.py): host masters and states in files between their steps
         if offload_pin is not None and nvme is not None:
-            offload = {"targets": self._offload_targets(separate=True), "pin": offload_pin}
+            swapped_params = getattr(weights, "swapped", False)  # the NVMe masters are the shards: no target
+            targets = [None] * len(self.masters) if swapped_params else self._offload_targets(separate=True)
+            offload = {"targets": targets, "pin": offload_pin}
             self.nvme = offload["residency"] = nvme(optimizer, self.masters)
             self.masters, self.aliased, self._host_grads = self.nvme.masters, False, False
+            if swapped_params:
+                weights.adopt_swapped_masters(self.nvme)
         elif offload_pin is not None:  # optimizer offload (offload.py): masters on the host
             offload = {"targets": self._offload_targets(), "pin": offload_pin}
             if weights.device.type != "cpu":

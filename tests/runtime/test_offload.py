@@ -267,7 +267,8 @@ def test_adagrad_runs_the_cpu_kernel_and_a_real_layout_over_budget_is_refused():
 @pytest.mark.parametrize("zero,where,says", [
     ({"stage": 3, "offload_param": {"device": "cpu"}}, "zero_optimization.offload_param", "needs offload_optimizer"),
     ({"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"},
-      "offload_optimizer": {"device": "cpu"}}, "zero_optimization.offload_param.device", "not implemented")])
+      "offload_optimizer": {"device": "cpu"}}, "zero_optimization.offload_param.device",
+     "needs offload_optimizer on NVMe")])
 def test_unsupported_parameter_offload_is_refused_clearly(zero, where, says):
     from dsrun.errors import ConfigError
     from dsrun.runtime.config import load_config
