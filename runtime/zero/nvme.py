@@ -75,6 +75,8 @@ class NvmeOptimizerState:
             return
         futures = []
         for name, t in self._tensors(m).items():
+            if not self.swapper.has(self._key(b, name)):  # made since the last write: still in memory
+                continue
             alloc_storage(t)
             futures.append(self.swapper.read(self._key(b, name), t))
         self._reading[b] = _All(futures)

@@ -173,6 +173,10 @@ class TensorSwapper:
         self._sizes: Dict[str, int] = {}
         self.bytes_written = self.bytes_read = 0
 
+    def has(self, key: str) -> bool:
+        """Whether `key` was ever written."""
+        return key in self._sizes
+
     def path(self, key: str) -> str:
         return os.path.join(self.folder, f"{key}.swp")
 
