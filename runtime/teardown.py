@@ -49,7 +49,7 @@ import sys
 import threading
 import weakref
 
-__all__ = ["track_engine", "track_path", "remove_tracked_paths", "ensure_registered", "note_uncaught", "at_exit", "flush_streams"]
+__all__ = ["track_engine", "track_path", "untrack_path", "remove_tracked_paths", "ensure_registered", "note_uncaught", "at_exit", "flush_streams"]
 
 _engines: "weakref.WeakSet" = weakref.WeakSet()
 _paths: set = set()  # folders removed at exit, also on the fast exit (NVMe swap folders, runtime/zero/swap.py)
@@ -81,6 +81,12 @@ def track_path(path: str) -> None:
     ensure_registered()
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def untrack_path(path: str) -> None:
+    """`path` was removed by its owner: nothing to do for it at exit."""
+    with _lock:
+        _paths.discard(path)
 
 
 def remove_tracked_paths() -> None:

@@ -221,6 +221,8 @@ class TensorSwapper:
             os.close(fd)
         self._fds.clear()
         remove_folder(self.folder)
+        from ..teardown import untrack_path
+        untrack_path(self.folder)
 
 
 def remove_folder(folder: str) -> None:

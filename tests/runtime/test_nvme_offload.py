@@ -229,3 +229,40 @@ def test_bf16_parameter_offload_tracks_bf16_without_offload(tmp_path):
     for *offloaded, plain in run_ranks(_bf16_param_offload, world_size=2, args=(str(tmp_path),), timeout=120):
         for state in offloaded:
             assert (state - plain).norm() / plain.norm() < 1e-2
+
+
+def test_the_aio_section_drives_the_swapper_and_gds_is_named_inert(tmp_path):
+    import warnings
+
+    from dsrun.runtime.config import load_config
+    cfg = {"train_micro_batch_size_per_gpu": 1, "aio": {"block_size": 65536, "queue_depth": 3, "thread_count": 2,
+                                                        "overlap_events": False, "use_gds": True},
+           "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme", "nvme_path": str(tmp_path)}}}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        io = load_config(cfg, world_size=1).offload.io
+    assert (io.block_size, io.queue_depth, io.thread_count, io.overlap_events) == (65536, 3, 2, False)
+    assert [str(w.message) for w in caught if "aio" in str(w.message)] == [
+        "aio.use_gds: accepted for DeepSpeed compatibility but ignored by dsrun (dsrun reads and writes NVMe through "
+        "host memory (no GPUDirect Storage))"]
+
+
+def test_a_stale_folder_of_a_dead_process_is_swept(tmp_path):
+    import socket
+
+    from dsrun.runtime.zero.swap import TensorSwapper
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "dsrun-old" / "rank3"
+    stale.mkdir(parents=True)
+    (stale / "owner").write_text(f"{socket.gethostname()} {dead.stdout.strip()}\n")
+    (stale / "bucket0.master.swp").write_bytes(b"x" * 100)
+    import signal
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGXFSZ)}
+    swapper = TensorSwapper(str(tmp_path), rank=0)
+    try:
+        assert not (tmp_path / "dsrun-old").exists() and os.path.isdir(swapper.folder)
+    finally:
+        swapper.close()
+        for sig, handler in handlers.items():  # the swapper set them for a rank; this is pytest's process
+            signal.signal(sig, handler)
+    assert os.listdir(tmp_path) == []
