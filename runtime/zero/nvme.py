@@ -10,7 +10,8 @@ step counts work unchanged once the tensors are resident.
 [Note: NVMe residency] `resident(master)` (the host updater's hook around one bucket's CPU step):
 1. the bucket's tensors are made resident: a read prefetched by the previous bucket is waited for, a
    write still in flight is waited for (its memory is still there: no read), else they are read now;
-2. the next bucket in step order is prefetched (`overlap_events`), so its read runs under this step;
+2. the next bucket in step order is prefetched (`overlap_events`), so its read runs under this step
+   (the first bucket's read starts when the backward of the accumulation boundary begins);
 3. after the step, the tensors (new states included) are written back asynchronously; their memory is
    freed once the write is done, checked at the next bucket. At most `buffer_count` buckets are held
    (being stepped, prefetched or written); beyond that the oldest write is waited for.
@@ -123,6 +124,14 @@ class NvmeOptimizerState:
                 self._start_read(nxt)
         yield
         self._release(b)
+
+    def prefetch_first(self) -> None:
+        """Start reading the bucket the next step takes first (called as the boundary's backward begins,
+        so the read runs under the backward)."""
+        self._reap(limit=self.max_held)
+        first = self._next(len(self.masters))
+        if self.prefetch and first is not None:
+            self._start_read(first)
 
     def _next(self, b: int):
         """The bucket stepped after `b` (the host updater goes from the last bucket to the first)."""

@@ -105,6 +105,8 @@ class ZeroOptimizer:
         self.wait_params()
         self.weights.before_backward()
         self.reducer.begin_micro_step(boundary)
+        if boundary and self.nvme is not None:  # the step's first read runs under this backward
+            self.nvme.prefetch_first()
 
     def after_backward(self) -> None:
         """Flush incomplete buckets, wait for every reduction, release what backward gathered. Idempotent."""
