@@ -128,6 +128,22 @@ def sweep_stale(nvme_path: str) -> None:
             pass
 
 
+def _make_folder(folder: str, where: str) -> None:
+    """Create a rank folder and its `owner` file. Another rank of the job removes the job folder when it
+    is empty as it ends (`remove_folder`), possibly between our two mkdirs: then make it again."""
+    for attempt in range(10):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, _OWNER), "w") as f:
+                f.write(f"{socket.gethostname()} {os.getpid()}\n")
+            return
+        except FileNotFoundError:
+            if attempt == 9:
+                raise ConfigError(f"cannot create the swap folder {folder}: it keeps disappearing", where=where)
+        except OSError as exc:
+            raise ConfigError(f"cannot create the swap folder {folder}: {exc.strerror}", where=where) from None
+
+
 class Pending:
     """I/O in flight; `wait()` returns when all of it is done and raises its first error."""
 
@@ -157,12 +173,7 @@ class TensorSwapper:
         check_nvme_path(nvme_path, where)
         sweep_stale(nvme_path)
         self.folder = job_folder(nvme_path, rank=rank)
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-            with open(os.path.join(self.folder, _OWNER), "w") as f:
-                f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        except OSError as exc:
-            raise ConfigError(f"cannot create the swap folder {self.folder}: {exc.strerror}", where=where) from None
+        _make_folder(self.folder, where)
         from ..teardown import track_path
         track_path(self.folder)
         _ignore_sigxfsz()
