@@ -266,3 +266,32 @@ def test_a_stale_folder_of_a_dead_process_is_swept(tmp_path):
         for sig, handler in handlers.items():  # the swapper set them for a rank; this is pytest's process
             signal.signal(sig, handler)
     assert os.listdir(tmp_path) == []
+
+
+def _cuda_offload(rank, world, path):
+    import dsrun
+    out = []
+    for stage, params, optimizer in ((2, False, None), (2, False, "nvme"), (3, "cpu", "cpu"), (3, "nvme", "nvme")):
+        cfg = nvme_config(stage, world, path, params=params, optimizer=optimizer)
+        cfg["bf16"] = {"enabled": True}
+        engine, *_ = dsrun.initialize(model=make_model(), config=cfg)
+        for x, y in make_data(world):
+            for k in range(GAS):
+                rows = slice((k * world + rank) * MICRO, (k * world + rank + 1) * MICRO)
+                xb, yb = x[rows].to(engine.device, torch.bfloat16), y[rows].to(engine.device)
+                engine.backward(torch.nn.functional.mse_loss(engine(xb).float(), yb))
+                engine.step()
+        out.append(torch.cat([v.float().cpu().reshape(-1) for v in engine.module_state_dict().values()]))
+        engine.destroy()
+    return out
+
+
+@pytest.mark.gpu
+def test_cuda_nvme_and_parameter_offload_track_no_offload(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    for plain, *offloaded in run_ranks(_cuda_offload, world_size=1, args=(str(tmp_path),), start_method="spawn",
+                                       backend="nccl"):
+        for state in offloaded:
+            assert (state - plain).norm() / plain.norm() < 1e-2
+    assert os.listdir(tmp_path) == []
