@@ -7,8 +7,9 @@ which. Two forms: one stream (dd), and `--jobs` streams on disjoint ranges (what
 reach its rated bandwidth; fio's numjobs). The better one is the drive's figure.
 
 The swapper: the same bytes as fp32 tensors of `--tensor-mib`, written with `TensorSwapper.write` (its
-thread pool, the `aio` settings given) then fsync'd (the swapper writes through the page cache; the
-fsync makes the figure the drive's), dropped from the cache, and read back with `TensorSwapper.read`.
+thread pool, the `aio` settings given; O_DIRECT where supported unless `--swap-buffered`) then fsync'd
+(buffered, the fsync makes the figure the drive's), dropped from the cache, and read back with
+`TensorSwapper.read`.
 With O_DIRECT available the drive is also measured the swapper's way (buffered, fsync, DONTNEED): a
 virtual disk or a drive cache can make that faster than O_DIRECT, and ratios use the best drive row.
 Then the optimizer's path: `NvmeOptimizerState` over the same tensors as masters with Adam's two states,
@@ -95,9 +96,11 @@ def disk(folder, nbytes, block, jobs, direct):
     return w, r
 
 
-def swapper(folder, nbytes, tensor_bytes, block, queue_depth, threads):
-    """(write GB/s, read GB/s, optimizer-path GB/s) through dsrun's swapper."""
-    sw = TensorSwapper(folder, rank=0, block_size=block, queue_depth=queue_depth, thread_count=threads)
+def swapper(folder, nbytes, tensor_bytes, block, queue_depth, threads, direct):
+    """(write GB/s, read GB/s, optimizer-path GB/s, O_DIRECT used) through dsrun's swapper."""
+    sw = TensorSwapper(folder, rank=0, block_size=block, queue_depth=queue_depth, thread_count=threads,
+                       direct=direct)
+    used_direct = sw.direct
     n = max(1, nbytes // tensor_bytes)
     tensors = [torch.randn(tensor_bytes // 4) for _ in range(n)]
     try:
@@ -118,7 +121,8 @@ def swapper(folder, nbytes, tensor_bytes, block, queue_depth, threads):
     finally:
         sw.close()
     # the optimizer's path: masters + 2 states per bucket, 1/3 of the bytes each
-    sw = TensorSwapper(folder, rank=0, block_size=block, queue_depth=queue_depth, thread_count=threads)
+    sw = TensorSwapper(folder, rank=0, block_size=block, queue_depth=queue_depth, thread_count=threads,
+                       direct=direct)
     per = max(1, tensor_bytes // 3 // 4)
     masters = [torch.zeros(per) for _ in range(n)]
     opt = torch.optim.Adam(masters)
@@ -142,7 +146,7 @@ def swapper(folder, nbytes, tensor_bytes, block, queue_depth, threads):
         step = 2 * 3 * per * 4 * n / (time.perf_counter() - t) / 1e9  # read and written
     finally:
         state.close()
-    return w, r, step
+    return w, r, step, used_direct
 
 
 def main():
@@ -155,6 +159,7 @@ def main():
     ap.add_argument("--aio-block-mib", type=int, default=1)
     ap.add_argument("--queue-depth", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--swap-buffered", action="store_true", help="the swapper without O_DIRECT even where supported")
     ap.add_argument("--results", help="append the table to this markdown file")
     a = ap.parse_args()
     nbytes = int(a.size_gib * GIB)
@@ -164,7 +169,8 @@ def main():
         d1 = disk(folder, nbytes, block, 1, direct)
         dn = disk(folder, nbytes, block, a.jobs, direct)
         db = disk(folder, nbytes, block, a.jobs, False) if direct else None
-        s = swapper(folder, nbytes, a.tensor_mib << 20, a.aio_block_mib << 20, a.queue_depth, a.threads)
+        s = swapper(folder, nbytes, a.tensor_mib << 20, a.aio_block_mib << 20, a.queue_depth, a.threads,
+                    False if a.swap_buffered else None)
     drives = [d for d in (d1, dn, db) if d]
     best_w, best_r = max(d[0] for d in drives), max(d[1] for d in drives)
     buffered = "buffered + fsync + fadvise(DONTNEED)"
@@ -172,7 +178,9 @@ def main():
     rows = [(f"drive, 1 stream ({mode})", *d1, ""), (f"drive, {a.jobs} streams ({mode})", *dn, "")]
     if db:  # the swapper's own way through the page cache, on the raw file
         rows.append((f"drive, {a.jobs} streams ({buffered})", *db, ""))
-    rows += [(f"dsrun swapper (aio block {a.aio_block_mib} MiB, qd {a.queue_depth} x {a.threads} threads)", *s[:2],
+    how = "O_DIRECT" if s[3] else "buffered"
+    rows += [(f"dsrun swapper ({how}, aio block {a.aio_block_mib} MiB, qd {a.queue_depth} x {a.threads} threads)",
+              *s[:2],
               f"write {s[0] / best_w:.2f}x, read {s[1] / best_r:.2f}x of the drive"),
              ("dsrun NVMe optimizer step, I/O only (read+write)", s[2], s[2],
               f"{s[2] / ((best_w + best_r) / 2):.2f}x of the drive's mean")]

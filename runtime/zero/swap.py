@@ -17,13 +17,17 @@ are in flight together (the queue depth) while the caller computes. Nothing is s
 - a short read (a file truncated behind dsrun's back) is a `SwapError`, never zeros.
 Errors raised by pool threads reach the caller at `Pending.wait()`.
 
-The I/O is buffered (through the page cache); O_DIRECT would need block-aligned host buffers, which
-torch's allocator does not give (benchmarks/bench_nvme.py measures the drive with O_DIRECT beside it).
+Where the filesystem supports O_DIRECT (probed once per swapper), the I/O bypasses the page cache: each
+pool thread has a page-aligned bounce buffer of `block_size` bytes (torch's allocator gives no
+block-aligned memory) and copies through it with `memmove`, which releases the GIL; a tensor's last
+piece is padded to 4 KiB in the file. Elsewhere (tmpfs, some network filesystems) the I/O is buffered,
+through the page cache. benchmarks/bench_nvme.py measures both beside the drive.
 """
 from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import shutil
 import signal
@@ -37,9 +41,10 @@ import torch
 from dsrun.errors import ConfigError, DsrunError
 
 __all__ = ["SwapError", "TensorSwapper", "Pending", "job_folder", "check_nvme_path", "check_disk_budget",
-           "free_storage", "alloc_storage"]
+           "free_storage", "alloc_storage", "direct_io_supported"]
 
 _OWNER = "owner"  # "<host> <pid>" of the process that made a rank folder
+_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are multiples of this
 
 
 class SwapError(DsrunError):
@@ -87,12 +92,38 @@ def alloc_storage(t: torch.Tensor) -> None:
         t.untyped_storage().resize_(nbytes)
 
 
-def _host_buffer(t: torch.Tensor) -> memoryview:
-    """A writable byte view of a contiguous host tensor's memory (any dtype)."""
+def _address(t: torch.Tensor) -> int:
+    """The address of a contiguous host tensor's bytes (any dtype)."""
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("swapped tensors must be contiguous host tensors")
-    nbytes = t.numel() * t.element_size()
-    return memoryview((ctypes.c_char * nbytes).from_address(t.data_ptr())).cast("B")
+    return t.data_ptr()
+
+
+def _view(address: int, nbytes: int) -> memoryview:
+    return memoryview((ctypes.c_char * nbytes).from_address(address)).cast("B")
+
+
+def _padded(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def direct_io_supported(folder: str) -> bool:
+    """Whether files in `folder` can be opened with O_DIRECT and written from an aligned buffer."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    path = os.path.join(folder, ".direct_probe")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | flag, 0o600)
+    except OSError:
+        return False
+    try:
+        return os.pwrite(fd, mmap.mmap(-1, _ALIGN), 0) == _ALIGN
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -169,7 +200,7 @@ class TensorSwapper:
     asynchronously ([Note: swap I/O])."""
 
     def __init__(self, nvme_path: str, *, rank: int, block_size: int = 1 << 20, queue_depth: int = 8,
-                 thread_count: int = 1, where: str = "nvme_path"):
+                 thread_count: int = 1, where: str = "nvme_path", direct: Optional[bool] = None):
         check_nvme_path(nvme_path, where)
         sweep_stale(nvme_path)
         self.folder = job_folder(nvme_path, rank=rank)
@@ -177,7 +208,9 @@ class TensorSwapper:
         from ..teardown import track_path
         track_path(self.folder)
         _ignore_sigxfsz()
-        self.block_size = max(4096, int(block_size) // 4096 * 4096)
+        self.block_size = max(_ALIGN, int(block_size) // _ALIGN * _ALIGN)
+        self.direct = direct_io_supported(self.folder) if direct is None else direct
+        self._bounce = threading.local()  # O_DIRECT: each pool thread's aligned buffer
         self._pool = ThreadPoolExecutor(max_workers=max(1, int(queue_depth) * max(1, int(thread_count))),
                                         thread_name_prefix="dsrun-swap")
         self._fds: Dict[str, int] = {}
@@ -197,9 +230,10 @@ class TensorSwapper:
             return fd
         path = self.path(key)
         if fd is None:
-            fd = self._fds[key] = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            flags = os.O_RDWR | os.O_CREAT | (os.O_DIRECT if self.direct else 0)
+            fd = self._fds[key] = os.open(path, flags, 0o600)
         try:
-            os.posix_fallocate(fd, 0, nbytes)
+            os.posix_fallocate(fd, 0, _padded(nbytes) if self.direct else nbytes)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise _io_error("allocate", path, nbytes, exc) from None
@@ -211,19 +245,61 @@ class TensorSwapper:
 
     def write(self, key: str, tensor: torch.Tensor) -> Pending:
         """Start writing `tensor`'s bytes to `key`'s file; the tensor must stay untouched until `wait()`."""
-        buf, nbytes = _host_buffer(tensor), tensor.numel() * tensor.element_size()
+        addr, nbytes = _address(tensor), tensor.numel() * tensor.element_size()
         fd, path = self._open(key, nbytes), self.path(key)
         self.bytes_written += nbytes
-        return Pending([self._pool.submit(_write, fd, path, buf[lo:hi], lo, nbytes) for lo, hi in self._pieces(nbytes)])
+        if self.direct:
+            jobs = [(self._write_direct, fd, path, addr + lo, hi - lo, lo, nbytes) for lo, hi in self._pieces(nbytes)]
+        else:
+            jobs = [(_write, fd, path, _view(addr + lo, hi - lo), lo, nbytes) for lo, hi in self._pieces(nbytes)]
+        return Pending([self._pool.submit(*job) for job in jobs])
 
     def read(self, key: str, tensor: torch.Tensor) -> Pending:
         """Start reading `key`'s file into `tensor` (written by `write` before, same size)."""
         nbytes = tensor.numel() * tensor.element_size()
         if self._sizes.get(key, -1) < nbytes:
             raise SwapError(f"{self.path(key)}: read {nbytes} bytes from a file that was never written that large")
-        buf, fd, path = _host_buffer(tensor), self._fds[key], self.path(key)
+        addr, fd, path = _address(tensor), self._fds[key], self.path(key)
         self.bytes_read += nbytes
-        return Pending([self._pool.submit(_read, fd, path, buf[lo:hi], lo) for lo, hi in self._pieces(nbytes)])
+        if self.direct:
+            jobs = [(self._read_direct, fd, path, addr + lo, hi - lo, lo) for lo, hi in self._pieces(nbytes)]
+        else:
+            jobs = [(_read, fd, path, _view(addr + lo, hi - lo), lo) for lo, hi in self._pieces(nbytes)]
+        return Pending([self._pool.submit(*job) for job in jobs])
+
+    def _bounce_buffer(self):
+        """(mmap, address) of this pool thread's page-aligned buffer of `block_size` bytes."""
+        held = getattr(self._bounce, "buf", None)
+        if held is None:
+            buf = mmap.mmap(-1, self.block_size)
+            held = self._bounce.buf = (buf, ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+        return held
+
+    def _write_direct(self, fd: int, path: str, src: int, n: int, offset: int, nbytes: int) -> None:
+        buf, addr = self._bounce_buffer()
+        ctypes.memmove(addr, src, n)
+        padded = _padded(n)
+        if padded > n:
+            ctypes.memset(addr + n, 0, padded - n)
+        try:
+            written = os.pwrite(fd, memoryview(buf)[:padded], offset)
+        except OSError as exc:
+            raise _io_error("write", path, nbytes, exc) from None
+        if written != padded:  # an O_DIRECT write cannot be continued from an unaligned point
+            raise SwapError(f"NVMe offload wrote only {offset + max(written, 0)} of {nbytes} bytes to {path} "
+                            "(short write)")
+
+    def _read_direct(self, fd: int, path: str, dst: int, n: int, offset: int) -> None:
+        buf, addr = self._bounce_buffer()
+        padded = _padded(n)
+        try:
+            got = os.preadv(fd, [memoryview(buf)[:padded]], offset)
+        except OSError as exc:
+            raise SwapError(f"NVMe offload could not read {path}: {exc.strerror}") from None
+        if got < n:
+            raise SwapError(f"NVMe offload read past the end of {path} at byte {offset + max(got, 0)}: the file was "
+                            "truncated or replaced while the job ran")
+        ctypes.memmove(dst, addr, n)
 
     def close(self) -> None:
         """Wait for the pool, close the files and remove this rank's folder (and the job's, if empty)."""

@@ -247,7 +247,39 @@ def test_the_aio_section_drives_the_swapper_and_gds_is_named_inert(tmp_path):
         "host memory (no GPUDirect Storage))"]
 
 
-def test_a_stale_folder_of_a_dead_process_is_swept(tmp_path):
+@pytest.fixture
+def rank_signals():
+    """A swapper sets SIGTERM and SIGXFSZ handlers for a rank; in pytest's own process they are put back."""
+    import signal
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGXFSZ)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("direct", (False, True), ids=("buffered", "o_direct"))
+def test_swapper_round_trip_and_a_truncated_file_is_an_error(tmp_path, rank_signals, direct):
+    from dsrun.runtime.zero.swap import SwapError, TensorSwapper, direct_io_supported
+    if direct and not direct_io_supported(str(tmp_path)):
+        pytest.skip(f"no O_DIRECT on {tmp_path}")
+    swapper = TensorSwapper(str(tmp_path), rank=0, block_size=8192, queue_depth=3, direct=direct)
+    try:
+        tensors = {"a": torch.randn(5003), "b": torch.randn(17).bfloat16(), "c": torch.arange(4096.0)}
+        for key, t in tensors.items():
+            swapper.write(key, t).wait()
+        for key, t in tensors.items():
+            back = torch.empty_like(t)
+            swapper.read(key, back).wait()
+            assert torch.equal(back, t), key
+        os.truncate(swapper.path("a"), 4096)
+        with pytest.raises(SwapError, match="read past the end of .*a.swp"):
+            swapper.read("a", torch.empty(5003)).wait()
+    finally:
+        swapper.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_stale_folder_of_a_dead_process_is_swept(tmp_path, rank_signals):
     import socket
 
     from dsrun.runtime.zero.swap import TensorSwapper
@@ -256,15 +288,11 @@ def test_a_stale_folder_of_a_dead_process_is_swept(tmp_path):
     stale.mkdir(parents=True)
     (stale / "owner").write_text(f"{socket.gethostname()} {dead.stdout.strip()}\n")
     (stale / "bucket0.master.swp").write_bytes(b"x" * 100)
-    import signal
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGXFSZ)}
     swapper = TensorSwapper(str(tmp_path), rank=0)
     try:
         assert not (tmp_path / "dsrun-old").exists() and os.path.isdir(swapper.folder)
     finally:
         swapper.close()
-        for sig, handler in handlers.items():  # the swapper set them for a rank; this is pytest's process
-            signal.signal(sig, handler)
     assert os.listdir(tmp_path) == []
 
 
