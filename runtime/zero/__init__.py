@@ -73,7 +73,7 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
         import torch.distributed as dist
 
         from .nvme import nvme_optimizer_offload
-        nvme = nvme_optimizer_offload(layout, optimizer, policy=offload,
+        nvme = nvme_optimizer_offload(layout, optimizer, policy=offload, device=device, param_dtype=param_dtype,
                                       rank=dist.get_rank() if dist.is_initialized() else 0)
         offload_pin = offload.pin_memory
     return ZeroOptimizer(module, optimizer, layout=layout, weights=weights, reducer=reducer, comm=comm,

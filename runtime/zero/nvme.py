@@ -27,7 +27,7 @@ import torch
 
 from .swap import Pending, TensorSwapper, alloc_storage, free_storage
 
-__all__ = ["NvmeOptimizerState", "nvme_bytes_needed"]
+__all__ = ["NvmeOptimizerState", "nvme_bytes_needed", "nvme_host_bytes_needed", "nvme_optimizer_offload"]
 
 
 def nvme_bytes_needed(owned_numel: int, *, state_elems: int, local_ranks: int) -> int:
@@ -212,15 +212,31 @@ class _All:
             raise first
 
 
-def nvme_optimizer_offload(layout, optimizer, *, policy, rank: int, local_ranks=None, free=None):
+def nvme_host_bytes_needed(layout, *, state_elems: int, buffer_count: int, local_ranks: int,
+                           device_is_host: bool, param_bytes: int = 4) -> int:
+    """Host bytes of optimizer offload to NVMe on one node: per local rank, `buffer_count` of the largest
+    owned bucket's master and states, plus (on an accelerator) the fp32 gradient buffer and, for 16-bit
+    weights, the staging buffer of every owned element (as offload.py's `host_bytes_needed`)."""
+    owned = [b.own_end - b.own_start for b in layout.buckets]
+    resident = max(owned, default=0) * 4 * (1 + state_elems) * max(2, buffer_count)
+    copies = 0 if device_is_host else sum(owned) * (4 + (param_bytes if param_bytes < 4 else 0))
+    return (resident + copies) * local_ranks
+
+
+def nvme_optimizer_offload(layout, optimizer, *, policy, rank: int, device, param_dtype, local_ranks=None,
+                           free=None):
     """What `ZeroOptimizer` takes as `nvme=`: a function (optimizer, masters) -> `NvmeOptimizerState`,
     after checking, before anything is allocated, that `policy.nvme_path` exists, is writable and has
-    room for every local rank's masters and states (ConfigError otherwise)."""
+    room for every local rank's masters and states, and that host memory holds the buffers
+    (ConfigError otherwise)."""
     import os
+
+    import psutil
+    import torch
 
     from dsrun.errors import ConfigError
 
-    from .offload import HOST_STATE_ELEMS, offload_kind
+    from .offload import HOST_STATE_ELEMS, check_host_budget, offload_kind
     from .swap import check_disk_budget, check_nvme_path
     where = "zero_optimization.offload_optimizer.nvme_path"
     kind = offload_kind(optimizer)
@@ -233,6 +249,10 @@ def nvme_optimizer_offload(layout, optimizer, *, policy, rank: int, local_ranks=
     local_ranks = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
     needed = nvme_bytes_needed(owned, state_elems=HOST_STATE_ELEMS[kind], local_ranks=local_ranks)
     check_disk_budget(policy.nvme_path, needed, local_ranks=local_ranks, where=where, free=free)
+    host = nvme_host_bytes_needed(layout, state_elems=HOST_STATE_ELEMS[kind], buffer_count=policy.buffer_count,
+                                  local_ranks=local_ranks, device_is_host=torch.device(device).type == "cpu",
+                                  param_bytes=torch.finfo(param_dtype).bits // 8)
+    check_host_budget(host, psutil.virtual_memory().available, local_ranks=local_ranks)
     io = policy.io
     swapper = TensorSwapper(policy.nvme_path, rank=rank, block_size=io.block_size, queue_depth=io.queue_depth,
                             thread_count=io.thread_count, where=where)

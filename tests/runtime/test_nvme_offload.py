@@ -167,6 +167,15 @@ def test_nvme_budget_check_and_a_missing_path_are_config_errors(tmp_path):
     assert err.value.exit_code == 2
     with pytest.raises(ConfigError, match="not an existing directory"):
         check_nvme_path(str(tmp_path / "nope"), "k")
+    # host memory with NVMe: buffer_count of the largest bucket's master + Adam states, plus on a GPU with
+    # bf16 the fp32 gradient and bf16 staging buffers of every owned element
+    from types import SimpleNamespace
+
+    from dsrun.runtime.zero.nvme import nvme_host_bytes_needed
+    layout = SimpleNamespace(buckets=[SimpleNamespace(own_start=0, own_end=1000), SimpleNamespace(own_start=0, own_end=10)])
+    assert nvme_host_bytes_needed(layout, state_elems=2, buffer_count=4, local_ranks=2, device_is_host=False,
+                                  param_bytes=2) == (1000 * 12 * 4 + 1010 * 6) * 2
+    assert nvme_host_bytes_needed(layout, state_elems=2, buffer_count=4, local_ranks=1, device_is_host=True) == 48000
 
 
 def _save_nvme(rank, world, ckpt, swap):
