@@ -1,12 +1,16 @@
-"""Offload to NVMe (`device: nvme`, runtime/zero/nvme.py and swap.py) and parameter offload to the CPU.
+"""Offload to NVMe (`device: nvme`, runtime/zero/nvme.py and swap.py) and parameter offload (ZeRO-3).
 
-- stages 1-3 with the optimizer on NVMe (a real folder under tmp_path) train step by step like plain
-  PyTorch (fp32 AdamW, clipping, GAS 2) on 2 gloo ranks; the swap files exist during training, hold the
-  states, and the folder is gone after `destroy()`;
-- a checkpoint saved with NVMe offload on 2 ranks loads without offload on 1 rank;
-- a file-size limit (RLIMIT_FSIZE) under the launcher is a clear error naming the file and the bytes,
-  exit code 1, no hang, and the job's folder is removed;
-- the disk budget check refuses what cannot fit; a missing nvme_path is a ConfigError.
+- stages 1-3 with the optimizer on NVMe (a real folder under tmp_path), and stage 3 with the parameters
+  on the CPU or NVMe, train step by step like plain PyTorch (fp32 AdamW, clipping, GAS 2) on 2 gloo
+  ranks; between steps the masters and states are only in the files; the folder is gone after
+  `destroy()`; bf16 with parameter offload tracks bf16 without it;
+- a checkpoint saved with NVMe offload (ZeRO-3, 2 ranks) loads on 1 rank with and without offload;
+- under the launcher the job's folder is removed at the end, and a file-size limit (RLIMIT_FSIZE) is a
+  clear error naming the file and the bytes (exit code 1, no hang), the folder removed too;
+- the pwrite path itself turns EFBIG into that error; the swapper round-trips with and without
+  O_DIRECT and a truncated file is an error; a dead process's folder is swept;
+- the disk and host budget checks refuse what cannot fit; a missing nvme_path is a ConfigError; the
+  `aio` section reaches the swapper.
 """
 import json
 import os
@@ -95,21 +99,20 @@ FULL_DISK_SCRIPT = textwrap.dedent("""
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--local_rank", type=int, default=0)
+    parser.add_argument("--fsize", type=int, default=0)
     dsrun.add_config_arguments(parser)
     args = parser.parse_args()
-    # the drive is "full" past 4 KiB per file; each rank's swap files need 8 KiB
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    if args.fsize:  # the drive is "full" past this many bytes per file; each rank's swap files need 8 KiB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args.fsize, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     torch.manual_seed(0)
     engine, *_ = dsrun.initialize(args=args, model=torch.nn.Linear(64, 64, bias=False))
     engine.backward(engine(torch.randn(2, 64)).pow(2).mean())
     engine.step()
-    print("trained", flush=True)
+    print("trained in", engine.zero.nvme.swapper.folder, flush=True)  # no destroy(): the exit teardown's job
 """)
 
 
-def test_a_full_disk_is_a_clear_error_and_the_folder_is_removed(tmp_path):
-    swap = tmp_path / "swap"
-    swap.mkdir()
+def _launch(tmp_path, swap, *script_args):
     cfg = {"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam", "params": {"lr": 0.1}},
            "zero_optimization": {"stage": 2, "reduce_bucket_size": 4096,
                                  "offload_optimizer": {"device": "nvme", "nvme_path": str(swap)}}}
@@ -118,10 +121,25 @@ def test_a_full_disk_is_a_clear_error_and_the_folder_is_removed(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DS_ENV_FILE"}
     env["PYTHONPATH"] = REPO
     done = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", "train.py",
-                           "--deepspeed_config", "ds.json"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=180)
-    out = done.stdout + done.stderr
-    assert done.returncode == 1, out
+                           "--deepspeed_config", "ds.json", *script_args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=180)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_the_job_folder_is_removed_when_the_job_ends(tmp_path):
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    rc, out = _launch(tmp_path, swap)
+    assert rc == 0, out
+    assert f"trained in {swap}/dsrun-" in out and "/rank1" in out
+    assert os.listdir(swap) == []
+
+
+def test_a_full_disk_is_a_clear_error_and_the_folder_is_removed(tmp_path):
+    swap = tmp_path / "swap"
+    swap.mkdir()
+    rc, out = _launch(tmp_path, swap, "--fsize", "4096")
+    assert rc == 1, out
     assert "NVMe offload could not allocate 8192 bytes in " + str(swap) in out, out
     assert "file-size limit" in out and "Traceback" not in out, out
     assert "trained" not in out
