@@ -93,12 +93,16 @@ class Engine(EngineCompat, torch.nn.Module):
 
     @staticmethod
     def _check_supported(config) -> None:
-        if config.offload.params.value != "none":
-            raise ConfigError("parameter offload is not implemented yet (optimizer offload to the CPU is)",
-                              where="zero_optimization.offload_param", hint="remove offload_param")
-        if config.offload.optimizer.value == "nvme":
-            raise ConfigError("optimizer offload to NVMe is not implemented yet; use device 'cpu'",
-                              where="zero_optimization.offload_optimizer.device", hint="set it to \"cpu\"")
+        if config.offload.params.value != "none" and config.offload.optimizer.value == "none":
+            raise ConfigError("offload_param needs offload_optimizer too: dsrun updates offloaded parameter shards "
+                              "with the host step", where="zero_optimization.offload_param",
+                              hint="add \"offload_optimizer\": {\"device\": \"cpu\"} (or remove offload_param)")
+        if config.offload.params.value == "nvme" and config.offload.optimizer.value != "nvme":
+            raise ConfigError("offload_param to NVMe needs offload_optimizer on NVMe too: the parameter shards are "
+                              "the optimizer's fp32 masters in its swap files",
+                              where="zero_optimization.offload_param.device",
+                              hint="set offload_optimizer.device to \"nvme\" with the same nvme_path, or "
+                                   "offload_param.device to \"cpu\"")
 
     # -- the training loop -------------------------------------------------------------------------
 

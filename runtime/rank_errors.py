@@ -81,8 +81,9 @@ def _excepthook(previous):
         write_error_file(exc, tb)
         if isinstance(exc, DsrunError):
             _write_fd2(f"dsrun: error{_rank_prefix()}: {exc.render()}\n")
-            from .teardown import flush_streams
+            from .teardown import flush_streams, remove_tracked_paths
             flush_streams()
+            remove_tracked_paths()  # e.g. NVMe swap folders (os._exit skips the exit teardown)
             os._exit(exc.exit_code)  # sys.exit inside an excepthook would not change the exit status
         from .teardown import note_uncaught
         note_uncaught(exc_type)  # the exit teardown then leaves at once ([Note: teardown at exit])

@@ -33,6 +33,10 @@ When the script is ending because of an uncaught exception, waiting on collectiv
 peers may be stuck elsewhere) and finalising could turn exit code 1 into 134: then the rank flushes its
 output and leaves at once with `os._exit(1)` (a KeyboardInterrupt re-raises SIGINT, as Python itself
 does), skipping finalisation. The error was already printed and recorded (runtime/rank_errors.py).
+
+Folders given to `track_path` (NVMe swap folders, runtime/zero/swap.py) are removed on every one of
+these ways out, by the DsrunError exit of rank_errors.py, and on SIGTERM (the launcher's way of stopping
+the other ranks when one fails) unless the script handles SIGTERM itself.
 """
 from __future__ import annotations
 
@@ -45,9 +49,10 @@ import sys
 import threading
 import weakref
 
-__all__ = ["track_engine", "ensure_registered", "note_uncaught", "at_exit", "flush_streams"]
+__all__ = ["track_engine", "track_path", "untrack_path", "remove_tracked_paths", "ensure_registered", "note_uncaught", "at_exit", "flush_streams"]
 
 _engines: "weakref.WeakSet" = weakref.WeakSet()
+_paths: set = set()  # folders removed at exit, also on the fast exit (NVMe swap folders, runtime/zero/swap.py)
 _lock = threading.Lock()
 _registered = False
 _uncaught = None  # the type of an uncaught exception seen by the excepthook, if any
@@ -66,6 +71,39 @@ def track_engine(engine) -> None:
     """Destroy `engine` at exit unless it is gone (or destroyed) before."""
     _engines.add(engine)
     ensure_registered()
+
+
+def track_path(path: str) -> None:
+    """Remove folder `path` at exit: normal end, uncaught exception, DsrunError, or SIGTERM (how the
+    launcher stops the other ranks when one fails) while no other handler is installed for it."""
+    with _lock:
+        _paths.add(path)
+    ensure_registered()
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def untrack_path(path: str) -> None:
+    """`path` was removed by its owner: nothing to do for it at exit."""
+    with _lock:
+        _paths.discard(path)
+
+
+def remove_tracked_paths() -> None:
+    """Remove the folders given to `track_path` (now, once); never raises."""
+    from .zero.swap import remove_folder
+    with _lock:
+        paths = list(_paths)
+        _paths.clear()
+    for path in paths:
+        remove_folder(path)
+
+
+def _on_sigterm(signo, _frame) -> None:
+    """SIGTERM's default action (death by the signal, the same exit status) after removing the folders."""
+    remove_tracked_paths()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def note_uncaught(exc_type) -> None:
@@ -89,6 +127,7 @@ def _leave_now(exc_type) -> None:
     except Exception:
         pass
     flush_streams()
+    remove_tracked_paths()
     if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
@@ -105,6 +144,7 @@ def at_exit() -> None:
         except Exception as exc:  # one broken engine must not keep the process groups alive
             logging.getLogger("dsrun").debug("engine teardown at exit failed: %s", exc)
     _engines.clear()
+    remove_tracked_paths()
     try:
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
 
-__all__ = ["Device", "ShardingPolicy", "OffloadPolicy", "LossScalePolicy", "PrecisionPolicy", "CommPolicy",
+__all__ = ["Device", "ShardingPolicy", "OffloadPolicy", "AioPolicy", "LossScalePolicy", "PrecisionPolicy", "CommPolicy",
            "torch_dtype", "DTYPES"]
 
 DTYPES = ("fp32", "fp16", "bf16")
@@ -51,6 +51,21 @@ class OffloadPolicy:
     ratio: float = 1.0  # fraction of optimizer state offloaded (offload_optimizer.ratio)
     buffer_count: int = 4
     buffer_size: int = 100_000_000
+    aio: "AioPolicy" = None  # NVMe I/O settings (the `aio` section); None -> AioPolicy()
+
+    @property
+    def io(self) -> "AioPolicy":
+        return self.aio or AioPolicy()
+
+
+@dataclass(frozen=True)
+class AioPolicy:
+    """DeepSpeed's `aio` section as dsrun's swapper uses it (runtime/zero/swap.py [Note: swap I/O])."""
+
+    block_size: int = 1 << 20  # bytes per read or write call
+    queue_depth: int = 8  # calls in flight per thread_count
+    thread_count: int = 1
+    overlap_events: bool = True  # prefetch the next bucket while one steps
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ This is the one place that reads `zero_optimization.stage`, `fp16`/`bf16`, `data
   sizes come from the offloaded section (the parameter section when both are offloaded, since its
   buffers are the ones sized by `buffer_count`/`buffer_size`; optimizer `ratio` always from
   `offload_optimizer`). Both on nvme with different `nvme_path`s is an error: the policy has one path.
+  The `aio` section becomes the policy's `AioPolicy` (block size, queue depth, threads, overlap).
 - Precision: fp32 by default. fp16 -> fp16 params, fp32 master and accumulation, fp16 reduction unless
   `communication_data_type`; loss scaling dynamic when `fp16.loss_scale == 0`, else static.
   bf16 -> bf16 params, fp32 master, fp32 accumulation and fp32 reduction by default (a deliberate fix
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from dsrun.errors import ConfigError
 
-from .policies import CommPolicy, Device, LossScalePolicy, OffloadPolicy, PrecisionPolicy, ShardingPolicy
+from .policies import AioPolicy, CommPolicy, Device, LossScalePolicy, OffloadPolicy, PrecisionPolicy, ShardingPolicy
 from .schema import warn_ignored
 
 if TYPE_CHECKING:
@@ -59,9 +60,12 @@ def offload_policy(top: "TopLevelConfig") -> OffloadPolicy:
                                                                  else None)
     primary = param_cfg if param_dev is not Device.NONE else opt_cfg
     buffer_size = param_cfg.buffer_size if param_cfg is not None else OffloadPolicy.buffer_size
+    aio = top.aio
+    io = AioPolicy(block_size=aio.block_size, queue_depth=aio.queue_depth, thread_count=aio.intra_op_parallelism,
+                   overlap_events=aio.overlap_events)
     return OffloadPolicy(optimizer=opt_dev, params=param_dev, nvme_path=nvme_path, pin_memory=primary.pin_memory,
                          ratio=opt_cfg.ratio if opt_cfg is not None else 1.0, buffer_count=primary.buffer_count,
-                         buffer_size=buffer_size)
+                         buffer_size=buffer_size, aio=io)
 
 
 def _check_param_dtype(top: "TopLevelConfig", mode: str) -> None:

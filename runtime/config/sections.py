@@ -123,12 +123,16 @@ class CommsLoggerConfig(Section):
 
 @dataclass(frozen=True)
 class AioConfig(Section):
-    block_size: int = opt(1_048_576)
-    queue_depth: int = opt(8)
-    intra_op_parallelism: int = opt(1, aliases=("thread_count",))
-    single_submit: bool = opt(False)
+    """NVMe offload I/O (runtime/zero/swap.py [Note: swap I/O]): `block_size` bytes per call, `queue_depth`
+    x `thread_count` calls in flight, `overlap_events` prefetches the next bucket. A thread pool has no
+    separate submission step (`single_submit`) and no GPUDirect path (`use_gds`)."""
+
+    block_size: int = opt(1_048_576, check=lambda v, w: _positive(v, w))
+    queue_depth: int = opt(8, check=lambda v, w: _positive(v, w))
+    intra_op_parallelism: int = opt(1, aliases=("thread_count",), check=lambda v, w: _positive(v, w))
+    single_submit: bool = opt(False, inert="dsrun's thread pool submits each block as it goes")
     overlap_events: bool = opt(True)
-    use_gds: bool = opt(False)
+    use_gds: bool = opt(False, inert="dsrun reads and writes NVMe through host memory (no GPUDirect Storage)")
 
 
 def _positive(value, where):

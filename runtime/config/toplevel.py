@@ -38,7 +38,6 @@ _COMM_DTYPES = ("fp16", "bf16", "fp32")
 
 # Why dsrun ignores a key ([Note: inert keys] in schema.py).
 _FEATURE = "a DeepSpeed feature dsrun does not implement"
-_NO_NVME = "dsrun does not swap to NVMe"
 _NO_PARALLEL = "dsrun has data parallelism only: no sequence, tensor or expert parallel groups"
 
 
@@ -80,7 +79,7 @@ class TopLevelConfig(Section):
     comet: CometConfig = opt(factory=CometConfig)
     flops_profiler: FlopsProfilerConfig = opt(factory=FlopsProfilerConfig, inert=_FEATURE)
     comms_logger: CommsLoggerConfig = opt(factory=CommsLoggerConfig)  # runtime/monitor/comms_logger.py
-    aio: AioConfig = opt(factory=AioConfig, inert=_NO_NVME)
+    aio: AioConfig = opt(factory=AioConfig)  # NVMe offload's I/O (runtime/zero/swap.py)
     # dsrun's own (docs/monitoring.md): the metrics folder and the hang watchdog
     metrics: MetricsConfig = opt(factory=MetricsConfig)
     hang_watchdog: HangWatchdogConfig = opt(factory=HangWatchdogConfig)

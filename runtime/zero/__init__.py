@@ -32,7 +32,8 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
         accumulation_steps: gradient accumulation steps (1 lets ZeRO-1 skip its full gradient buffer).
         zero_config: the `zero_optimization` section (ZeRO-3's unit, prefetch and persistence keys).
         offload: `OffloadPolicy`; optimizer offload to the CPU keeps masters and optimizer state in host
-            memory and steps there (offload.py), after checking the host has room for them.
+            memory and steps there (offload.py), after checking the host has room for them; to NVMe
+            keeps them in files between their buckets' steps (nvme.py), after checking the disk.
     """
     from .reducer import GradReducer
     comm = Comm(group)
@@ -43,8 +44,11 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
         from .units import build_unit_layout
         layout, frozen_layout, units = build_unit_layout(module, groups, frozen=frozen, zero_config=zero_config,
                                                          world_size=comm.world_size, rank=comm.rank)
+        host_shards = offload is not None and offload.params.value != "none"  # [Note: parameter offload]
         weights = UnitWeights(module, layout, units, param_dtype=param_dtype, comm=comm, device=device,
-                              frozen=frozen, zero_config=zero_config, frozen_layout=frozen_layout)
+                              frozen=frozen, zero_config=zero_config, frozen_layout=frozen_layout,
+                              host_shards=host_shards, pin=host_shards and offload.pin_memory,
+                              swapped=offload is not None and offload.params.value == "nvme")
         copy_engines = False
     else:
         from .flat_weights import FlatWeights
@@ -60,12 +64,19 @@ def build_strategy(module, *, optimizer, sharding, precision, comm_policy, group
                           copy_engines=copy_engines, transient=sharding.parameters)
     if sharding.parameters:
         weights.attach(reducer)
-    offload_pin, offload_ratio = None, 1.0
+    offload_pin, offload_ratio, nvme = None, 1.0, None
     if offload is not None and offload.optimizer.value == "cpu":
         from .offload import check_layout_budget
         offload_ratio = offload.ratio
         check_layout_budget(layout, optimizer, device=device, param_dtype=param_dtype, ratio=offload_ratio)
         offload_pin = offload.pin_memory
+    elif offload is not None and offload.optimizer.value == "nvme":
+        import torch.distributed as dist
+
+        from .nvme import nvme_optimizer_offload
+        nvme = nvme_optimizer_offload(layout, optimizer, policy=offload, device=device, param_dtype=param_dtype,
+                                      rank=dist.get_rank() if dist.is_initialized() else 0)
+        offload_pin = offload.pin_memory
     return ZeroOptimizer(module, optimizer, layout=layout, weights=weights, reducer=reducer, comm=comm,
                          precision=precision, dtype_of=dtype_of, frozen=frozen, offload_pin=offload_pin,
-                         offload_ratio=offload_ratio)
+                         offload_ratio=offload_ratio, nvme=nvme)

@@ -65,7 +65,7 @@ class ZeroOptimizer:
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, *, layout: FlatLayout, weights,
                  reducer: GradReducer, comm: Comm, precision, dtype_of, frozen, offload_pin=None,
-                 offload_ratio: float = 1.0):
+                 offload_ratio: float = 1.0, nvme=None):
         self.module, self.optimizer, self.comm = module, optimizer, comm
         self.layout, self.weights, self.reducer, self.frozen = layout, weights, reducer, frozen
         self.sharded = layout.sharded and comm.world_size > 1
@@ -74,18 +74,31 @@ class ZeroOptimizer:
         self.masters: List[torch.Tensor] = weights.make_masters(dtype_of(precision.master_dtype), self.aliased)
         offload = None
         self._host_grads = True  # masters and reduced gradients on one device: grads attach as .grad
-        if offload_pin is not None:  # optimizer offload (offload.py): masters on the host
+        self.nvme = None  # NVMe offload (nvme.py): host masters and states in files between their steps
+        if offload_pin is not None and nvme is not None:
+            swapped_params = getattr(weights, "swapped", False)  # the NVMe masters are the shards: no target
+            targets = [None] * len(self.masters) if swapped_params else self._offload_targets(separate=True)
+            offload = {"targets": targets, "pin": offload_pin}
+            self.nvme = offload["residency"] = nvme(optimizer, self.masters)
+            self.masters, self.aliased, self._host_grads = self.nvme.masters, False, False
+            if swapped_params:
+                weights.adopt_swapped_masters(self.nvme)
+        elif offload_pin is not None:  # optimizer offload (offload.py): masters on the host
             offload = {"targets": self._offload_targets(), "pin": offload_pin, "on_device": set()}
             if weights.device.type != "cpu":
                 from .offload import device_buckets, host_masters, offload_kind
                 kind = offload_kind(optimizer)
-                # [Note: partial offload] (offload.py): with ratio < 1 some buckets keep device masters
-                keep = offload["on_device"] = device_buckets(layout, offload_ratio) if kind == "adam" else set()
+                # [Note: partial offload] (offload.py): with ratio < 1 some buckets keep device masters;
+                # host masters from parameter offload stay where they are
+                on_host = all(m.device.type == "cpu" for m in self.masters)
+                keep = set() if on_host or kind != "adam" else device_buckets(layout, offload_ratio)
+                offload["on_device"] = keep
                 # the fused CPU kernels' step copies through its own pinned ring (host_pipeline.py): the
                 # masters need no pinning (pinning tens of GB is slow and may fail)
-                host = host_masters([m for b, m in enumerate(self.masters) if b not in keep],
+                host = host_masters([m for b, m in enumerate(self.masters) if b not in keep and m.device.type != "cpu"],
                                     pin=offload_pin and kind == "torch")[::-1]
-                self.masters = [m if b in keep else host.pop() for b, m in enumerate(self.masters)]
+                self.masters = [m if b in keep or m.device.type == "cpu" else host.pop()
+                                for b, m in enumerate(self.masters)]
                 self.aliased, self._host_grads = False, False
         # the optimizer sees master chunks only
         for g, group in enumerate(optimizer.param_groups):
@@ -103,6 +116,8 @@ class ZeroOptimizer:
         self.wait_params()
         self.weights.before_backward()
         self.reducer.begin_micro_step(boundary)
+        if boundary and self.nvme is not None:  # the step's first read runs under this backward
+            self.nvme.prefetch_first()
 
     def after_backward(self) -> None:
         """Flush incomplete buckets, wait for every reduction, release what backward gathered. Idempotent."""
@@ -111,18 +126,21 @@ class ZeroOptimizer:
 
     # -- step ----------------------------------------------------------------------------------------
 
-    def _offload_targets(self) -> List:
+    def _offload_targets(self, *, separate: bool = False) -> List:
         """Per bucket, where the host step's updated weights go on the device: the working chunk, else
         (ZeRO-3's master-is-the-shard) the device master; None when the master is the working chunk on
-        a CPU device."""
+        a CPU device, unless the host masters are `separate` tensors (NVMe: they leave memory)."""
         targets = []
         for b, m in enumerate(self.masters):
             w = self.weights.owned(b)
-            on_host = self.weights.device.type == "cpu"
+            on_host = self.weights.device.type == "cpu" and not separate
             if w is None:
-                targets.append(None if on_host else m)
+                target = None if on_host else m
             else:
-                targets.append(None if on_host and self.aliased else w)
+                target = None if on_host and self.aliased else w
+            if target is not None and not separate and target.device.type == "cpu" and target is m:
+                target = None  # the host master is itself the shard ([Note: parameter offload] in unit_weights.py)
+            targets.append(target)
         return targets
 
     def _attach_grads(self) -> None:
@@ -265,6 +283,8 @@ class ZeroOptimizer:
 
     def checkpoint_shards(self) -> List[ParamShard]:
         """One `ParamShard` per `module.named_parameters()` entry (see runtime/shard_state.py)."""
+        if self.nvme is not None:  # the views below must be readable until the next step
+            self.nvme.swap_in_all()
         by_param = {}
         for slot, lo, hi, master, optim in self.owned_slices():
             by_param[slot.param] = ParamShard(slot.name, slot.shape, self.param_dtype, lo, hi, master, optim)
@@ -280,6 +300,8 @@ class ZeroOptimizer:
     def load_checkpoint_shards(self, read: ReadFn, *, load_optimizer_states: bool = True) -> None:
         """Fill this rank's master (and optimizer) slices from `read(name, key, start, end)`, then
         publish the working weights on every rank. Collective."""
+        if self.nvme is not None:  # creating and loading the state needs it in memory
+            self.nvme.swap_in_all()
         if load_optimizer_states:
             self.ensure_optimizer_state()
         params = dict(self.module.named_parameters())
@@ -346,6 +368,9 @@ class ZeroOptimizer:
 
     def destroy(self) -> None:
         self.wait_params()
+        if self.nvme is not None:  # waits for its I/O, removes its files
+            nvme, self.nvme = self.nvme, None
+            nvme.close()
         self.weights.destroy()
         self.reducer.remove()
         for m in self.masters:

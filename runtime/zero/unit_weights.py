@@ -15,6 +15,18 @@ shard would only ever hold the master's cast, and costs 2 bytes per parameter / 
 on the 1.26B B3 model over 2 ranks); the cast is one elementwise pass over the shard per gather. So
 `owned(b)` is None for such a bucket (the updaters then write only the master) and a parameter's
 `ds_tensor` is its fp32 master slice. Frozen buckets (no master) keep their 16-bit shards.
+
+[Note: parameter offload] With `offload_param: {device: cpu}` (`host_shards`) every shard, and so every
+fp32 master that is a shard, lives in host memory (pinned per `pin_memory`); the optimizer is offloaded
+too (the engine requires it), so the host step writes them in place. A gather copies this rank's shard
+(casting a master) into its chunk of the device buffer, then all-gathers in place; the unit schedule's
+prefetch launches it early, so the copy runs ahead of the layer that needs it. The device holds only
+the units in use.
+
+With `offload_param: {device: nvme}` (`swapped`, with the optimizer on NVMe too) a trainable bucket's
+shard is its fp32 master in the optimizer's swap file (nvme.py): `adopt_swapped_masters` takes those
+masters and a gather reads the master (from memory when it is resident, else from its file) straight
+into the device buffer, casting. Frozen shards stay in host memory.
 """
 from __future__ import annotations
 
@@ -40,8 +52,12 @@ class ZeroParamStatus:
 
 class UnitWeights:
     def __init__(self, module: torch.nn.Module, layout: FlatLayout, units: List[Unit], *, param_dtype: torch.dtype,
-                 comm: Comm, device: torch.device, frozen, zero_config, frozen_layout: Optional[FlatLayout] = None):
+                 comm: Comm, device: torch.device, frozen, zero_config, frozen_layout: Optional[FlatLayout] = None,
+                 host_shards: bool = False, pin: bool = False, swapped: bool = False):
         self.module, self.layout, self.units, self.comm, self.device = module, layout, units, comm, device
+        # [Note: parameter offload]: shards in host memory; `swapped`: trainable ones in NVMe files
+        self.host_shards, self.pin, self.swapped = host_shards or swapped, pin, swapped
+        self._swap = None  # the optimizer's NvmeOptimizerState once `adopt_swapped_masters` ran
         # bucket indices: the trainable layout's, then the frozen layout's shifted by `num_trainable`
         self.num_trainable = len(layout.buckets)
         self.buckets = list(layout.buckets) + list(frozen_layout.buckets if frozen_layout else [])
@@ -78,10 +94,10 @@ class UnitWeights:
                 for s in bucket.slots:
                     full[s.offset - bucket.start:s.offset - bucket.start + s.numel].copy_(full_value(s.param).reshape(-1))
                 broadcast_from_first(full, self.comm)
-                own = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start].clone()
+                own = self._place(full[bucket.own_start - bucket.start:bucket.own_end - bucket.start].clone())
                 if b < self.num_trainable:
                     self._init_masters.append(own)
-                self.shards.append(own if self.param_dtype == torch.float32 else own.to(self.param_dtype))
+                self.shards.append(own if self.param_dtype == torch.float32 else self._place(own.to(self.param_dtype)))
                 del full
             for s in self.slots_of_all():
                 s.param.data = self._placeholder
@@ -103,6 +119,13 @@ class UnitWeights:
             if u.persistent:
                 self.ensure(u.index)
 
+    def _place(self, t: torch.Tensor) -> torch.Tensor:
+        """Where a shard lives: on the device, or in (pinned) host memory ([Note: parameter offload])."""
+        if not self.host_shards:
+            return t
+        from .offload import host_tensor
+        return host_tensor(t, pin=self.pin)
+
     def slots_of_all(self):
         return [s for bucket in self.buckets for s in bucket.slots]
 
@@ -115,11 +138,18 @@ class UnitWeights:
     def _gather_into(self, b: int, full: torch.Tensor):
         """Launch bucket b's all-gather into `full` ([Note: the master is the shard])."""
         src = self.shards[b]
-        if src is None:
+        if src is None or self.host_shards:
             bucket = self.buckets[b]
-            src = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start]
-            # the foreach copy casts vectorized on CUDA (a casting copy_ does not: reducer.py's _take)
-            torch._foreach_copy_([src], [self.masters[b]])
+            chunk = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start]
+            if src is not None:  # a host shard ([Note: parameter offload])
+                chunk.copy_(src, non_blocking=True)
+            elif self._swap is not None:  # the master in its swap file (or resident)
+                self._swap.copy_master(self.masters[b], chunk)
+            elif self.host_shards:  # a host master: one casting copy to the device
+                chunk.copy_(self.masters[b], non_blocking=True)
+            else:  # the foreach copy casts vectorized on CUDA (a casting copy_ does not: reducer.py's _take)
+                torch._foreach_copy_([chunk], [self.masters[b]])
+            src = chunk
         return self.comm.all_gather(full, src, async_op=True)
 
     def launch(self, u: int) -> None:
@@ -192,15 +222,30 @@ class UnitWeights:
     def make_masters(self, master_dtype: torch.dtype, aliased: bool) -> List[torch.Tensor]:
         init, self._init_masters = self._init_masters, []
         self.masters = self.shards[:self.num_trainable] if aliased else [m.to(master_dtype) for m in init]
-        if not aliased and master_dtype == torch.float32:  # [Note: the master is the shard]
+        if (not aliased and master_dtype == torch.float32) or self.swapped:  # [Note: the master is the shard]
             for b in range(self.num_trainable):
                 self.shards[b] = None
-                bucket = self.buckets[b]
-                for s in bucket.slots:
-                    lo, hi = bucket.owned_range(s)
-                    a = s.offset + lo - bucket.own_start if hi > lo else 0
-                    s.param.ds_tensor = self.masters[b][a:a + hi - lo]
+            self._point_ds_tensors()
         return self.masters
+
+    def _point_ds_tensors(self) -> None:
+        for b in range(self.num_trainable):
+            bucket = self.buckets[b]
+            for s in bucket.slots:
+                lo, hi = bucket.owned_range(s)
+                a = s.offset + lo - bucket.own_start if hi > lo else 0
+                s.param.ds_tensor = self.masters[b][a:a + hi - lo]
+
+    def adopt_swapped_masters(self, swap) -> None:
+        """Parameter offload to NVMe: the masters of `swap` (nvme.py's NvmeOptimizerState) are the shards;
+        `ds_tensor` views them (readable while they are resident)."""
+        from .swap import alloc_storage, free_storage
+        self.masters, self._swap = swap.masters, swap
+        for m in self.masters:  # a view needs memory to be made; it follows the storage's later resizes
+            alloc_storage(m)
+        self._point_ds_tensors()
+        for m in self.masters:
+            free_storage(m)
 
     def owned(self, b: int) -> Optional[torch.Tensor]:
         """Bucket b's working shard; None when the master is the shard ([Note: the master is the shard])."""
@@ -253,6 +298,8 @@ class UnitWeights:
                     dist.broadcast(full, src=src, group=self.comm.group)
                 own = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start]
                 if b < len(self.masters) and self.masters[b] is not self.shards[b]:
+                    if self._swap is not None:  # resident until its next step writes it back
+                        self._swap.make_resident(self.masters[b])
                     self.masters[b].copy_(own)
                 if self.shards[b] is not None:
                     self.shards[b].copy_(own)

@@ -17,7 +17,7 @@
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Dict, List, Tuple
 
 import torch
@@ -133,12 +133,14 @@ class HostOffloadUpdater(_Updater):
     a CPU device)."""
 
     def __init__(self, optimizer, *, weights, masters, aliased, bucket_of_master, targets, pin: bool,
-                 on_device=frozenset()):
+                 on_device=frozenset(), residency=None):
         super().__init__(optimizer, weights=weights, masters=masters, aliased=aliased,
                          bucket_of_master=bucket_of_master)
         from .offload import offload_kind
         self.targets, self.pin = targets, pin
         self.on_device = set(on_device)  # [Note: partial offload]: buckets stepped on the accelerator
+        # where masters and states are between steps: host memory, or files (nvme.py's `resident` hook)
+        self.residency = residency or _ALWAYS_RESIDENT
         self.kind = offload_kind(optimizer)
         self._host_grads: Dict[int, torch.Tensor] = {}
         self._staging: Dict[int, torch.Tensor] = {}
@@ -199,8 +201,9 @@ class HostOffloadUpdater(_Updater):
             g, master = by_bucket[b]
             out = self._out(b)
             if master.numel():
-                state = self._begin_state(master, opt.param_groups[g])
-                self._kernel_step(master, state, host[b], opt.param_groups[g], out)
+                with self.residency.resident(master):  # NVMe: swapped in around its step ([Note: NVMe residency])
+                    state = self._begin_state(master, opt.param_groups[g])
+                    self._kernel_step(master, state, host[b], opt.param_groups[g], out)
             if out is not None and out is not self.targets[b]:
                 self.targets[b].copy_(out, non_blocking=True)
             self.weights.publish(b)
@@ -231,13 +234,17 @@ class HostOffloadUpdater(_Updater):
         if torch.is_tensor(coef) or coef != 1.0:
             torch._foreach_mul_([grads[b] for b in order], coef)
         states = {}
-
-        def step_chunk(b, lo, hi, grad, out):
-            g, master = by_bucket[b]
-            if lo == 0:  # a bucket's first chunk: its state is created or advanced once per step
-                states[b] = self._begin_state(master, groups[g])
-            self._kernel_step(master, states[b], grad, groups[g], out, lo, hi)
-        self._pipeline.run(order, grads, self.targets, step_chunk, self.weights.publish)
+        with ExitStack() as resident:
+            def step_chunk(b, lo, hi, grad, out):
+                g, master = by_bucket[b]
+                if lo == 0:  # a bucket's first chunk: swapped in (NVMe), its state created or advanced
+                    resident.enter_context(self.residency.resident(master))
+                    states[b] = self._begin_state(master, groups[g])
+                self._kernel_step(master, states[b], grad, groups[g], out, lo, hi)
+                if hi == master.numel():  # its last chunk: the bucket may leave memory again
+                    states.pop(b)
+                    resident.pop_all().close()
+            self._pipeline.run(order, grads, self.targets, step_chunk, self.weights.publish)
 
     def _device_step(self, master, grad, group, coef, target) -> None:
         """A bucket kept on the accelerator: dsrun's fused Adam there, the coefficient inside the kernel."""
@@ -292,3 +299,14 @@ class HostOffloadUpdater(_Updater):
             if target is not None and target.data_ptr() != self.masters[b].data_ptr():
                 target.copy_(self.masters[b], non_blocking=target.device.type != "cpu")
             self.weights.publish(b)
+
+
+class _AlwaysResident:
+    """Host masters and states that never leave host memory (CPU offload)."""
+
+    @staticmethod
+    def resident(master):
+        return nullcontext()
+
+
+_ALWAYS_RESIDENT = _AlwaysResident()
