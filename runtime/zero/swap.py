@@ -178,8 +178,12 @@ def _make_folder(folder: str, where: str) -> None:
 class Pending:
     """I/O in flight; `wait()` returns when all of it is done and raises its first error."""
 
-    def __init__(self, futures: List):
+    def __init__(self, futures: List, keep: Optional[torch.Tensor] = None):
         self._futures = futures
+        # the pool threads hold only the tensor's address: it must live until they are done, even when
+        # the caller passed a temporary (`swapper.read(key, torch.empty(n)).wait()` freed it before the
+        # threads wrote into it: heap corruption)
+        self._keep = keep
 
     def done(self) -> bool:
         return all(f.done() for f in self._futures)
@@ -191,6 +195,7 @@ class Pending:
             exc = f.exception()
             if exc is not None and first is None:
                 first = exc
+        self._keep = None
         if first is not None:
             raise first
 
@@ -252,7 +257,7 @@ class TensorSwapper:
             jobs = [(self._write_direct, fd, path, addr + lo, hi - lo, lo, nbytes) for lo, hi in self._pieces(nbytes)]
         else:
             jobs = [(_write, fd, path, _view(addr + lo, hi - lo), lo, nbytes) for lo, hi in self._pieces(nbytes)]
-        return Pending([self._pool.submit(*job) for job in jobs])
+        return Pending([self._pool.submit(*job) for job in jobs], keep=tensor)
 
     def read(self, key: str, tensor: torch.Tensor) -> Pending:
         """Start reading `key`'s file into `tensor` (written by `write` before, same size)."""
@@ -265,7 +270,7 @@ class TensorSwapper:
             jobs = [(self._read_direct, fd, path, addr + lo, hi - lo, lo) for lo, hi in self._pieces(nbytes)]
         else:
             jobs = [(_read, fd, path, _view(addr + lo, hi - lo), lo) for lo, hi in self._pieces(nbytes)]
-        return Pending([self._pool.submit(*job) for job in jobs])
+        return Pending([self._pool.submit(*job) for job in jobs], keep=tensor)
 
     def _bounce_buffer(self):
         """(mmap, address) of this pool thread's page-aligned buffer of `block_size` bytes."""

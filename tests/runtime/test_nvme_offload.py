@@ -350,3 +350,26 @@ def test_cuda_nvme_and_parameter_offload_track_no_offload(tmp_path):
         for state in offloaded:
             assert (state - plain).norm() / plain.norm() < 1e-2
     assert os.listdir(tmp_path) == []
+
+
+def test_a_pending_read_keeps_its_tensor_alive(tmp_path, rank_signals):
+    """The pool threads write through the tensor's address: a temporary passed to `read` must not be freed
+    before `wait()` (it was, and the threads wrote into freed heap memory: a segfault later)."""
+    import gc
+    import weakref
+
+    from dsrun.runtime.zero.swap import TensorSwapper
+    swapper = TensorSwapper(str(tmp_path), rank=0, block_size=4096, queue_depth=2)
+    try:
+        swapper.write("a", torch.arange(50000.0)).wait()
+        target = torch.empty(50000)
+        alive = weakref.ref(target)
+        pending = swapper.read("a", target)
+        del target
+        gc.collect()
+        assert alive() is not None
+        pending.wait()
+        gc.collect()
+        assert alive() is None
+    finally:
+        swapper.close()
