@@ -86,7 +86,9 @@ class HostStepPipeline:
         """Step the buckets in `order`: `grads[b]` (flat, on the device, already unscaled and clipped) go
         down chunk by chunk; `step_chunk(b, lo, hi, host_grad, host_out)` updates elements [lo, hi) of
         bucket b's master and writes the new weights into `host_out`; those go up into `targets[b][lo:hi]`;
-        `publish(b)` runs on the compute stream once bucket b is back on the device."""
+        `publish(b)` runs on the compute stream once bucket b is back on the device. A target on the host
+        (or None: the host master is itself the weight) takes the kernel's output directly, nothing goes
+        up (ZeRO-3 parameter offload, whose shards live in host memory)."""
         if not self.chunk_elems:  # fixed at the first step (the ring's size); read here so a test can shrink it
             self.chunk_elems = chunk_size(sum(grads[b].numel() for b in order))
         chunks = plan_chunks([(b, grads[b].numel()) for b in order], self.chunk_elems)
@@ -119,15 +121,22 @@ class HostStepPipeline:
             if i + self.slots - 1 < len(chunks):
                 copy_down(i + self.slots - 1)  # into the slot chunk i-1 used: the host has stepped it
             down[i].synchronize()
-            if i >= self.slots:
+            if i >= self.slots and up[i - self.slots] is not None:
                 up[i - self.slots].synchronize()  # the copy-out that read this weight slot is done
-            out = self._slot("out", targets[b].dtype, i)[:hi - lo]
-            step_chunk(b, lo, hi, self._slot("grad", torch.float32, i)[:hi - lo], out)
-            with torch.cuda.stream(self._copy_out):
-                targets[b][lo:hi].copy_(out, non_blocking=True)
-                up.append(torch.cuda.Event())
-                up[-1].record(self._copy_out)
+            target = targets[b]
+            if target is None or target.device.type == "cpu":  # parameter offload: the weights stay here
+                step_chunk(b, lo, hi, self._slot("grad", torch.float32, i)[:hi - lo],
+                           None if target is None else target[lo:hi])
+                up.append(None)
+            else:
+                out = self._slot("out", target.dtype, i)[:hi - lo]
+                step_chunk(b, lo, hi, self._slot("grad", torch.float32, i)[:hi - lo], out)
+                with torch.cuda.stream(self._copy_out):
+                    target[lo:hi].copy_(out, non_blocking=True)
+                    up.append(torch.cuda.Event())
+                    up[-1].record(self._copy_out)
             if last_of[b] == i:
-                compute.wait_event(up[-1])
+                if up[-1] is not None:
+                    compute.wait_event(up[-1])
                 publish_through(b)
         publish_through(None)

@@ -209,14 +209,15 @@ class HostOffloadUpdater(_Updater):
             self.weights.publish(b)
 
     def _pipeline_device(self, order, grads):
-        """The CUDA device when every bucket's gradient and update target is a flat tensor there (the
-        pipelined host step applies), else None."""
-        devs = {t.device for b in order for t in (grads[b], self.targets[b]) if t is not None}
+        """The CUDA device when every bucket's gradient is a flat tensor there and its update target a flat
+        tensor there or on the host (or None) (the pipelined host step applies), else None."""
+        devs = {grads[b].device for b in order}
         if len(devs) != 1:
             return None
         dev = devs.pop()
-        flat = all(self.targets[b] is not None and self.targets[b].dim() == 1 and grads[b].dim() == 1
-                   and self.targets[b].numel() == grads[b].numel() for b in order)
+        flat = all(grads[b].dim() == 1 and (t is None or (t.dim() == 1 and t.numel() == grads[b].numel()
+                                                          and t.device in (dev, torch.device("cpu"))))
+                   for b in order for t in (self.targets[b],))
         return dev if dev.type == "cuda" and flat else None
 
     def _pipelined_step(self, coef, grads, by_bucket, order) -> None:
