@@ -6,6 +6,7 @@ fixtures/make_ds_checkpoints.py, which also recorded the losses of DeepSpeed's r
 (`expected.json`) and DeepSpeed's `zero_to_fp32` output (`ds_fp32.pt`, where DeepSpeed's converter reads the
 variant). Regenerate them with the command in that script's docstring.
 """
+import ast
 import json
 import os
 import shutil
@@ -52,8 +53,10 @@ def test_dsrun_continues_deepspeed_runs(tmp_path, world_size):
     out = tmp_path / "results.json"
     env = {k: v for k, v in os.environ.items() if k not in ("DS_ENV_FILE", "CUDA_VISIBLE_DEVICES")}
     env.update(PYTHONPATH=REPO, HOME=str(tmp_path), OMP_NUM_THREADS="1")
+    saved = tmp_path / "saved"
     done = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", str(world_size), SCRIPT,
-                           "--fixtures", FIXTURES, "--variants", ",".join(VARIANTS), "--out", str(out)],
+                           "--fixtures", FIXTURES, "--variants", ",".join(VARIANTS), "--out", str(out),
+                           "--save", str(saved)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -65,6 +68,27 @@ def test_dsrun_continues_deepspeed_runs(tmp_path, world_size):
         assert got["losses"] == pytest.approx(expected["losses_after"], rel=tol, abs=tol), variant
         # the control: without the checkpoint the model would start elsewhere
         assert abs(got["fresh_loss"] - expected["losses_after"][0]) > 10 * tol, variant
+    if world_size == 2:
+        _check_converter_script(saved / "bf16_zero3", tmp_path / "bf16_zero3.bin")
+        _check_converter_script(saved / "fp32_zero1", tmp_path / "fp32_zero1.bin")
+
+
+def _check_converter_script(save_dir, output):
+    """dsrun's checkpoint directory carries zero_to_fp32.py, which needs only torch and gives dsrun-to-fp32's
+    state dict (here from checkpoints sharded over 2 ranks)."""
+    script = save_dir / "zero_to_fp32.py"
+    tree = ast.parse(script.read_text())
+    imports = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for alias in node.names}
+    imports |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imports <= {"argparse", "collections", "json", "os", "sys", "torch"}, imports
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, str(script), str(save_dir), str(output)], cwd=save_dir, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    theirs = torch.load(output, weights_only=True)
+    ours = to_fp32.get_fp32_state_dict_from_zero_checkpoint(save_dir)
+    assert list(theirs) == list(ours) and all(torch.equal(theirs[k], ours[k]) for k in ours)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -3,7 +3,8 @@
 For every variant folder under --fixtures: build the same model and config as make_ds_checkpoints.py,
 `engine.load_checkpoint(folder)`, train the steps DeepSpeed trained after saving, and record the mean
 loss over ranks. Rank 0 writes {variant: {"losses", "fresh_loss", "global_steps", "client_state", "lr"}} to
---out; `fresh_loss` is the first step's loss of the model before loading (the test's control).
+--out; `fresh_loss` is the first step's loss of the model before loading (the test's control). With --save,
+each continued run is then saved as a dsrun checkpoint in <save>/<variant>.
 """
 import argparse
 import json
@@ -19,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import ds_fixture_common as common  # noqa: E402
 
 
-def continue_run(folder, variant, rank, world_size):
+def continue_run(folder, variant, rank, world_size, save_dir=None):
     model = common.build_model()
     config = common.ds_config(variant, world_size)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
@@ -39,6 +40,8 @@ def continue_run(folder, variant, rank, world_size):
         mean = loss.detach().clone()
         dist.all_reduce(mean)
         record["losses"].append(mean.item() / world_size)
+    if save_dir:
+        engine.save_checkpoint(os.path.join(save_dir, variant))
     return record
 
 
@@ -47,11 +50,13 @@ def main():
     parser.add_argument("--fixtures", required=True)
     parser.add_argument("--variants", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--save", default=None, help="save each continued run here as a dsrun checkpoint")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    results = {v: continue_run(os.path.join(args.fixtures, v), v, rank, world_size) for v in args.variants.split(",")}
+    results = {v: continue_run(os.path.join(args.fixtures, v), v, rank, world_size, args.save)
+               for v in args.variants.split(",")}
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
