@@ -101,6 +101,7 @@ class DeepSpeedCheckpoint:
         self.model_states = self._load(self.states_path)
         if not isinstance(self.model_states, dict) or "module" not in self.model_states:
             raise CheckpointError("not a DeepSpeed model-states file (no 'module')", where=self.states_path)
+        self._refuse_unsupported()
         self.module_state = self.model_states["module"]
         self.tensors: Dict[str, Dict[str, torch.Tensor]] = {}  # name -> key ('master', 'exp_avg', ...) -> 1-D
         self.shapes: Dict[str, tuple] = {}
@@ -118,6 +119,21 @@ class DeepSpeedCheckpoint:
 
     def _load(self, path):
         return load_deepspeed_file(path)
+
+    def _refuse_unsupported(self) -> None:
+        """Model-parallel, pipeline and MoE checkpoints split the model itself over files, universal ones keep
+        it in another layout: not read."""
+        names = os.listdir(self.tag_dir)
+        kinds = [kind for kind, found in (
+            ("tensor/model parallel (mp_rank_01...)", any(n.startswith("mp_rank_01") or "_mp_rank_01_" in n
+                                                          for n in names)),
+            ("pipeline (layer_*)", any(n.startswith("layer_") for n in names)),
+            ("universal (zero/)", os.path.isdir(os.path.join(self.tag_dir, "zero"))),
+            ("mixture of experts", "num_experts" in self.model_states or any(n.startswith("expp_rank_")
+                                                                               for n in names))) if found]
+        if kinds:
+            raise CheckpointError(f"a DeepSpeed {kinds[0]} checkpoint: dsrun reads only data-parallel ones",
+                                  where=self.tag_dir)
 
     def _optim_states(self) -> List[dict]:
         """Each rank's `optimizer_state_dict` from its `*zero_pp_rank_{r}_mp_rank_00_optim_states.pt`."""
