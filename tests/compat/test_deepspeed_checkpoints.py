@@ -32,6 +32,7 @@ TOLERANCE = {"fp32": 1e-6, "bf16": 3e-3, "fp16": 3e-3}
 # run's). dsrun loads that state as saved and trains on true gradients, so only the first loss, computed
 # with the loaded weights before any update, is DeepSpeed's.
 FIRST_LOSS_ONLY = {"fp16_zero0"}
+CROSS = ["fp32_zero3:1", "fp32_zero0:2", "fp32_zero2:3"]  # DeepSpeed's stage -> dsrun continues at another
 
 sys.path.insert(0, os.path.join(HERE, "fixtures"))
 import ds_fixture_common as common  # noqa: E402
@@ -62,7 +63,7 @@ def test_dsrun_continues_deepspeed_runs(tmp_path, world_size):
     saved = tmp_path / "saved"
     done = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", str(world_size), SCRIPT,
                            "--fixtures", FIXTURES, "--variants", ",".join(VARIANTS), "--out", str(out),
-                           "--save", str(saved)],
+                           "--save", str(saved), "--cross", ",".join(CROSS)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads(out.read_text())
@@ -75,6 +76,9 @@ def test_dsrun_continues_deepspeed_runs(tmp_path, world_size):
         assert got["losses"][:steps] == pytest.approx(expected["losses_after"][:steps], rel=tol, abs=tol), variant
         # the control: without the checkpoint the model would start elsewhere
         assert abs(got["fresh_loss"] - expected["losses_after"][0]) > 10 * tol, variant
+    for item in CROSS:  # another ZeRO stage than DeepSpeed's: the same run, to fp32 rounding
+        expected = _expected(item.split(":")[0])["losses_after"]
+        assert results[item]["losses"] == pytest.approx(expected, rel=1e-5, abs=1e-6), item
     if world_size == 2:
         _check_converter_script(saved / "bf16_zero3", tmp_path / "bf16_zero3.bin")
         _check_converter_script(saved / "fp32_zero1", tmp_path / "fp32_zero1.bin")

@@ -20,9 +20,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import ds_fixture_common as common  # noqa: E402
 
 
-def continue_run(folder, variant, rank, world_size, save_dir=None):
+def continue_run(folder, variant, rank, world_size, save_dir=None, stage=None):
     model = common.build_model()
     config = common.ds_config(variant, world_size)
+    if stage is not None:  # continue at another ZeRO stage than DeepSpeed saved at
+        config["zero_optimization"]["stage"] = stage
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     dtype = common.DTYPES[common.VARIANTS[variant]["dtype"]]
     x, y = common.rank_batch(common.STEPS_BEFORE, rank, world_size)
@@ -51,12 +53,17 @@ def main():
     parser.add_argument("--variants", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--save", default=None, help="save each continued run here as a dsrun checkpoint")
+    parser.add_argument("--cross", default="", help="VARIANT:STAGE,...: also continue VARIANT at ZeRO STAGE")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     results = {v: continue_run(os.path.join(args.fixtures, v), v, rank, world_size, args.save)
                for v in args.variants.split(",")}
+    for item in filter(None, args.cross.split(",")):
+        variant, stage = item.split(":")
+        results[item] = continue_run(os.path.join(args.fixtures, variant), variant, rank, world_size,
+                                     stage=int(stage))
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(results, f, indent=1)
