@@ -173,11 +173,15 @@ class DeepSpeedCheckpoint:
             self.zero_stage = int(optim[0]["zero_stage"])
             self._parse_partitioned(optim, param_padding=True)
         elif optim:  # BF16_Optimizer: ZeRO stage from the config (0 or 1)
-            self.zero_stage = int(((self.model_states.get("ds_config") or {}).get("zero_optimization") or {})
-                                  .get("stage", 0) or 0)
+            self.zero_stage = int((self._config().get("zero_optimization") or {}).get("stage", 0) or 0)
             self._parse_partitioned(optim, param_padding=False)
         else:
             self._parse_stage0(self.model_states.get("optimizer"))
+
+    def _config(self) -> dict:
+        """The DeepSpeed config as saved (`ds_config`): a dict, or {} where DeepSpeed kept a file path."""
+        config = self.model_states.get("ds_config")
+        return config if isinstance(config, dict) else {}
 
     def _param_names(self) -> List[str]:
         """The module's parameter names in state-dict order: no buffers, no tied aliases."""
@@ -361,9 +365,10 @@ class DeepSpeedCheckpoint:
         return aliases
 
     def _loss_scale(self, holder: dict) -> None:
-        """The fp16 loss scale in dsrun's form (nothing for bf16/fp32, whose scale is fixed at 1)."""
-        fp16 = ((self.model_states.get("ds_config") or {}).get("fp16") or {}).get("enabled", False)
-        if not fp16:
+        """The fp16 loss scale in dsrun's form (nothing for bf16/fp32, whose scale is fixed at 1). fp16 is
+        told by the saved weights' dtype (ZeRO-3 placeholders keep it), which, unlike `ds_config`, is always
+        there."""
+        if not any(self.module_state[n].dtype == torch.float16 for n in self._param_names()):
             return
         scaler = holder.get("loss_scaler")
         source = vars(scaler) if scaler is not None else holder
@@ -385,13 +390,14 @@ class DeepSpeedCheckpoint:
                 "topology": {"world_size": self.world_size, "zero_stage": self.zero_stage}}
 
     def _counters(self) -> dict:
+        """DeepSpeed saves no micro-step count: a whole number of accumulation windows when the saved config
+        tells the window, else 0 (DeepSpeed keeps its fresh engine's 0); either starts a new window."""
         states = self.model_states
-        config = states.get("ds_config") or {}
-        gas = config.get("gradient_accumulation_steps") if isinstance(config, dict) else None
+        gas = self._config().get("gradient_accumulation_steps")
         steps = int(states.get("global_steps", 0))
         return {"global_steps": steps, "global_samples": int(states.get("global_samples", 0)),
                 "skipped_steps": int(states.get("skipped_steps", 0)),
-                "micro_steps": steps * int(gas if isinstance(gas, int) and gas > 0 else 1)}
+                "micro_steps": steps * gas if isinstance(gas, int) and gas > 0 else 0}
 
     def dsrun_states(self) -> dict:
         """The model-states dict `engine_io.load` expects of a dsrun checkpoint (see [Note: checkpoint

@@ -220,3 +220,15 @@ def test_fp16_loss_scale_and_unfused_optimizer_state_are_deepspeeds():
     assert zero0.loss_scaler == {"cur_scale": 256, "cur_iter": 3, "last_overflow_iter": -1}
     ratio = zero2.read_full("out.bias", "exp_avg") / zero0.read_full("out.bias", "exp_avg")
     assert torch.allclose(ratio, torch.full_like(ratio, 256.0), rtol=0.05)
+
+
+def test_config_saved_as_a_path(tmp_path):
+    """DeepSpeed saves `ds_config` as the user passed it: a dict, or the config file's path."""
+    folder = _copy("fp16_zero2", tmp_path)
+    path = folder / "global_step3" / "mp_rank_00_model_states.pt"
+    states = torch.load(path, weights_only=False)
+    states["ds_config"] = "/elsewhere/ds_config.json"
+    torch.save(states, path)
+    checkpoint = DeepSpeedCheckpoint(str(folder / "global_step3"))
+    assert checkpoint.loss_scaler["cur_scale"] == 256  # fp16 told by the weights' dtype
+    assert checkpoint.dsrun_states()["scalar_state"]["counters"]["micro_steps"] == 0
