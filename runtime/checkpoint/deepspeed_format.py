@@ -33,38 +33,27 @@ Optimizer states, by the optimizer DeepSpeed picked:
 states (`exp_avg`, `exp_avg_sq`, ... under their torch names, which are dsrun's) and serves them through
 the reader interface of `ShardReader` (`read(name, key, start, end)`), with a manifest and a model-states
 dict shaped as dsrun's, so `engine_io.load` and `to_fp32` treat both formats alike. Files are unpickled
-without DeepSpeed (ds_pickle.py).
+without DeepSpeed (ds_files.py).
 """
 from __future__ import annotations
 
-import glob
 import math
 import os
-import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from dsrun.runtime.checkpoint import layout
-from dsrun.runtime.checkpoint.ds_pickle import load_deepspeed_file
+from dsrun.runtime.checkpoint.ds_files import (STAGE3_MODEL_STATES, is_deepspeed_folder, load_deepspeed_file,
+                                               optimizer_states, refuse_unsupported)
 from dsrun.runtime.checkpoint.errors import CheckpointError
 
 __all__ = ["is_deepspeed_folder", "DeepSpeedCheckpoint"]
 
-STAGE3_MODEL_STATES = "zero_pp_rank_{}_mp_rank_00_model_states.pt"
-_OPTIM_FILE = re.compile(r"^(bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_00_?optim_states\.pt$")
 # top-level model-states keys that are DeepSpeed's own; the rest is the client state (engine.py _load_checkpoint)
 _DS_STATE_KEYS = {"module", "skipped_steps", "global_steps", "dp_world_size", "mp_world_size", "data_sampler",
                   "random_ltd", "lr_scheduler", "optimizer"}
-
-
-def is_deepspeed_folder(tag_dir: str) -> bool:
-    """Whether `tag_dir` is a DeepSpeed checkpoint tag folder (model states and no dsrun manifest)."""
-    if os.path.isfile(os.path.join(tag_dir, layout.MANIFEST)):
-        return False
-    return any(os.path.isfile(os.path.join(tag_dir, name))
-               for name in (layout.MODEL_STATES, STAGE3_MODEL_STATES.format(0)))
 
 
 def _numel(shape) -> int:
@@ -98,68 +87,22 @@ class DeepSpeedCheckpoint:
         self.trainable_names = list(trainable_names) if trainable_names is not None else None
         stage3 = os.path.isfile(os.path.join(tag_dir, STAGE3_MODEL_STATES.format(0)))
         self.states_path = os.path.join(tag_dir, STAGE3_MODEL_STATES.format(0) if stage3 else layout.MODEL_STATES)
-        self.model_states = self._load(self.states_path)
+        self.model_states = load_deepspeed_file(self.states_path)
         if not isinstance(self.model_states, dict) or "module" not in self.model_states:
             raise CheckpointError("not a DeepSpeed model-states file (no 'module')", where=self.states_path)
-        self._refuse_unsupported()
+        refuse_unsupported(tag_dir, self.model_states)
         self.module_state = self.model_states["module"]
         self.tensors: Dict[str, Dict[str, torch.Tensor]] = {}  # name -> key ('master', 'exp_avg', ...) -> 1-D
         self.shapes: Dict[str, tuple] = {}
         self.groups: List[dict] = []  # dsrun's optimizer_groups: hyperparameters and scalar state per group
         self.loss_scaler: dict = {}
         self.zero_stage = 0
-        optim = self._optim_states()
+        optim = optimizer_states(tag_dir, self.model_states)
         self.world_size = len(optim) or int(self.model_states.get("dp_world_size") or 1)
         self._parse(optim, stage3)
         self._add_untrained()
         self.aliases = dict(self.model_states.get("shared_params") or {}) or self._storage_aliases()
         self.manifest = self._manifest()
-
-    # -- files ----------------------------------------------------------------------------------------
-
-    def _load(self, path):
-        return load_deepspeed_file(path)
-
-    def _refuse_unsupported(self) -> None:
-        """Model-parallel, pipeline and MoE checkpoints split the model itself over files, universal ones keep
-        it in another layout: not read."""
-        names = os.listdir(self.tag_dir)
-        kinds = [kind for kind, found in (
-            ("tensor/model parallel (mp_rank_01...)", any(n.startswith("mp_rank_01") or "_mp_rank_01_" in n
-                                                          for n in names)),
-            ("pipeline (layer_*)", any(n.startswith("layer_") for n in names)),
-            ("universal (zero/)", os.path.isdir(os.path.join(self.tag_dir, "zero"))),
-            ("mixture of experts", "num_experts" in self.model_states or any(n.startswith("expp_rank_")
-                                                                               for n in names))) if found]
-        if kinds:
-            raise CheckpointError(f"a DeepSpeed {kinds[0]} checkpoint: dsrun reads only data-parallel ones",
-                                  where=self.tag_dir)
-
-    def _optim_states(self) -> List[dict]:
-        """Each rank's `optimizer_state_dict` from its `*zero_pp_rank_{r}_mp_rank_00_optim_states.pt`."""
-        by_rank = {}
-        for path in glob.glob(os.path.join(glob.escape(self.tag_dir), "*optim_states.pt")):
-            match = _OPTIM_FILE.match(os.path.basename(path))
-            if match:
-                by_rank.setdefault(int(match.group(2)), path)
-        if sorted(by_rank) != list(range(len(by_rank))):
-            raise CheckpointError(f"DeepSpeed optimizer files for ranks {sorted(by_rank)}: some ranks' files are "
-                                  "missing", where=self.tag_dir, hint="the checkpoint is incomplete")
-        states = []
-        for rank in range(len(by_rank)):
-            payload = self._load(by_rank[rank])
-            if not isinstance(payload, dict) or not isinstance(payload.get("optimizer_state_dict"), dict):
-                raise CheckpointError("not a DeepSpeed optimizer-states file (no 'optimizer_state_dict')",
-                                      where=by_rank[rank])
-            states.append(payload["optimizer_state_dict"])
-        if states:
-            count = states[0].get("partition_count", self.model_states.get("dp_world_size"))
-            count = max(count) if isinstance(count, (list, tuple)) else count
-            if isinstance(count, int) and count != len(states):
-                raise CheckpointError(f"DeepSpeed checkpoint of {count} ranks has optimizer files of "
-                                      f"{len(states)}: the others are missing", where=self.tag_dir,
-                                      hint="the checkpoint is incomplete; load another tag")
-        return states
 
     # -- parameters -----------------------------------------------------------------------------------
 
@@ -325,7 +268,7 @@ class DeepSpeedCheckpoint:
         self._loss_scale(optim[0])
         fragments = self.model_states.get("frozen_param_fragments") or {}
         if fragments:  # frozen parameters: each rank's model states hold its partition
-            ranks = [self.model_states] + [self._load(os.path.join(self.tag_dir, STAGE3_MODEL_STATES.format(r)))
+            ranks = [self.model_states] + [load_deepspeed_file(os.path.join(self.tag_dir, STAGE3_MODEL_STATES.format(r)))
                                            for r in range(1, world)]
             for name, shape in (self.model_states.get("frozen_param_shapes") or {}).items():
                 whole = torch.cat([_flat(r["frozen_param_fragments"][name]) for r in ranks])
