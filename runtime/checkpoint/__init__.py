@@ -34,7 +34,12 @@ before it existed, which load unverified).
 
 Atomicity: [Note: atomic checkpoint publish] in atomic.py. Loading: `engine_io.load` restores the module
 state dict, then hands the engine a `read(name, key, start, end)` served from the shard files. The
-converter `dsrun-to-fp32` (to_fp32.py) streams parameters the same way.
+converter `dsrun-to-fp32` (to_fp32.py) streams parameters the same way. Each save also puts
+`zero_to_fp32.py` (standalone_to_fp32.py, torch only) into save_dir, as DeepSpeed does.
+
+DeepSpeed's own checkpoints (a tag folder without `checkpoint.json`) are read by both through
+deepspeed_format.py, which serves the same `read` from DeepSpeed's files ([Note: DeepSpeed checkpoint
+layout]).
 """
 from dsrun.runtime.checkpoint.errors import CheckpointArgumentError, CheckpointError
 from dsrun.runtime.checkpoint.shard_io import ShardReader

@@ -16,8 +16,8 @@ import uuid
 
 import torch
 
-from dsrun.runtime.checkpoint import integrity, layout
-from dsrun.runtime.checkpoint.atomic import fsync_dir, publish_dir, torch_save_synced
+from dsrun.runtime.checkpoint import deepspeed_format, integrity, layout
+from dsrun.runtime.checkpoint.atomic import fsync_dir, publish_dir, torch_save_synced, write_file_atomic
 from dsrun.runtime.checkpoint.comm import Comm
 from dsrun.runtime.checkpoint.errors import CheckpointArgumentError, CheckpointError
 from dsrun.runtime.checkpoint.shard_io import ShardReader, check_coverage, plan_ownership, shard_payload
@@ -25,7 +25,9 @@ from dsrun.runtime.log import warn_once_rank0
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save", "load", "save_16bit_model"]
+__all__ = ["save", "load", "save_16bit_model", "CONVERTER_SCRIPT"]
+
+CONVERTER_SCRIPT = "zero_to_fp32.py"  # DeepSpeed's name for the script each checkpoint directory carries
 
 
 # --- engine accessors: the one place that knows attribute names -------------------------------------
@@ -167,6 +169,7 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True, exclud
         try:
             _write_rank0_files(engine, comm, tmp_dir, tag, plan, meta, client_state, exclude_frozen_parameters,
                                gathered, checksums)
+            _write_converter_script(save_dir)
             publish_dir(tmp_dir, final_dir, os.path.join(save_dir, f"{tag}{layout.OLD_MARK}{token}"))
             if save_latest:
                 layout.write_latest(save_dir, tag)
@@ -231,6 +234,19 @@ def _write_rank0_files(engine, comm, tmp_dir, tag, plan, meta, client_state, exc
     }
     layout.write_manifest(tmp_dir, manifest)
     fsync_dir(tmp_dir)
+
+
+def _write_converter_script(save_dir):
+    """Put `zero_to_fp32.py` (standalone_to_fp32.py: needs only torch) beside the tags, as DeepSpeed puts its
+    own, so the weights can be recovered where dsrun is not installed."""
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "standalone_to_fp32.py")
+    target = os.path.join(save_dir, CONVERTER_SCRIPT)
+    with open(source, "rb") as f:
+        write_file_atomic(target, f.read())
+    try:
+        os.chmod(target, 0o755)
+    except OSError:  # a share that refuses modes: the script still runs as `python zero_to_fp32.py`
+        pass
 
 
 def _dsrun_version():
@@ -327,9 +343,9 @@ def _load_module(engine, states, manifest, strict, custom_load_fn, topo_note):
 
 def _open_checkpoint(engine, load_dir, tag):
     """Find the tag folder, read its manifest, verify and open the model states and the shard files this
-    rank's parameter ranges need. Returns `(tag_dir, manifest, states, reader)`, or None (with
+    rank's parameter ranges need. Returns `(model-states path, manifest, states, reader)`, or None (with
     a warning) when no tag is given and there is no `latest` file. Errors are CheckpointErrors naming the
-    file or tag."""
+    file or tag. A DeepSpeed checkpoint folder is read whole into the same shapes (deepspeed_format.py)."""
     if tag is None:
         tag = layout.read_latest(load_dir)
         if tag is None:
@@ -338,6 +354,10 @@ def _open_checkpoint(engine, load_dir, tag):
     else:
         tag = layout.validate_tag(tag, where="load_checkpoint(tag)")
     tag_dir = layout.resolve_tag_dir(load_dir, tag)
+    if deepspeed_format.is_deepspeed_folder(tag_dir):
+        trainable = [s.name for s in engine.checkpoint_shards() if not s.frozen]
+        checkpoint = deepspeed_format.DeepSpeedCheckpoint(tag_dir, trainable_names=trainable)
+        return checkpoint.states_path, checkpoint.manifest, checkpoint.dsrun_states(), checkpoint
     manifest = layout.read_manifest(tag_dir)
     states = integrity.load_torch_file(tag_dir, layout.MODEL_STATES, manifest, weights_only=False)
     if not isinstance(states, dict) or not {"module", "scalar_state"} <= set(states):
@@ -349,7 +369,7 @@ def _open_checkpoint(engine, load_dir, tag):
     except BaseException:
         reader.close()
         raise
-    return tag_dir, manifest, states, reader
+    return os.path.join(tag_dir, layout.MODEL_STATES), manifest, states, reader
 
 
 def load(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
@@ -371,8 +391,8 @@ def load(engine, load_dir, tag=None, load_module_strict=True, load_optimizer_sta
     comm.raise_if_any(error, f"loading the checkpoint in {load_dir}")
     if opened is None:
         return None, None
-    tag_dir, manifest, states, reader = opened
-    states_path = os.path.join(tag_dir, layout.MODEL_STATES)
+    states_path, manifest, states, reader = opened
+    tag_dir = os.path.dirname(states_path)
     saved_topo = manifest.get("topology", {})
     topo_note = f"saved with {_describe(saved_topo)}; now {_describe(_topology(engine, comm))}"
     if manifest.get("mid_accumulation") and comm.rank == 0:

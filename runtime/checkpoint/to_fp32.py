@@ -1,9 +1,10 @@
-"""`dsrun-to-fp32`: turn any dsrun checkpoint into a plain PyTorch fp32 state dict, without GPUs.
+"""`dsrun-to-fp32`: turn any dsrun or DeepSpeed checkpoint into a plain PyTorch fp32 state dict, without GPUs.
 
 Streams one parameter at a time: shard files are opened with `torch.load(mmap=True)` and each parameter is
 stitched from the pieces that hold it, so peak host memory is the output plus about one tensor. Names follow
 DeepSpeed's `deepspeed.utils.zero_to_fp32`: `get_fp32_state_dict_from_zero_checkpoint`,
-`convert_zero_checkpoint_to_fp32_state_dict`, `load_state_dict_from_zero_checkpoint`.
+`convert_zero_checkpoint_to_fp32_state_dict`, `load_state_dict_from_zero_checkpoint`. A DeepSpeed checkpoint
+folder (no dsrun manifest; deepspeed_format.py) is read whole instead, at any ZeRO stage, without DeepSpeed.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from collections import OrderedDict
 import click
 import torch
 
-from dsrun.runtime.checkpoint import integrity, layout
+from dsrun.runtime.checkpoint import deepspeed_format, integrity, layout
 from dsrun.runtime.checkpoint.atomic import torch_save_synced
 from dsrun.runtime.checkpoint.errors import CheckpointError
 from dsrun.runtime.checkpoint.shard_io import ShardReader
@@ -26,7 +27,8 @@ __all__ = ["get_fp32_state_dict_from_zero_checkpoint", "convert_zero_checkpoint_
 def _tag_dir(checkpoint_dir, tag):
     checkpoint_dir = os.fspath(checkpoint_dir)
     if tag is None:
-        if os.path.isfile(os.path.join(checkpoint_dir, layout.MANIFEST)):
+        if os.path.isfile(os.path.join(checkpoint_dir, layout.MANIFEST)) or \
+                deepspeed_format.is_deepspeed_folder(checkpoint_dir):
             return checkpoint_dir  # pointed straight at a tag folder
         tag = layout.read_latest(checkpoint_dir)
         if tag is None:
@@ -35,17 +37,24 @@ def _tag_dir(checkpoint_dir, tag):
     return layout.resolve_tag_dir(checkpoint_dir, str(tag))
 
 
+def _open(tag_dir):
+    """`(manifest, model states, reader)` of a dsrun or DeepSpeed tag folder."""
+    if deepspeed_format.is_deepspeed_folder(tag_dir):
+        checkpoint = deepspeed_format.DeepSpeedCheckpoint(tag_dir)
+        return checkpoint.manifest, checkpoint.dsrun_states(), checkpoint
+    manifest = layout.read_manifest(tag_dir)
+    states = integrity.load_torch_file(tag_dir, layout.MODEL_STATES, manifest, weights_only=False)
+    return manifest, states, ShardReader(tag_dir, manifest)
+
+
 def iter_fp32_tensors(checkpoint_dir, tag=None, exclude_frozen_parameters=False):
     """Yield `(name, tensor)` in state-dict order: fp32 master weights for parameters (frozen ones too,
     unless excluded), buffers as saved, tied aliases as the same tensor object as their source. Every file
     read is checked against the manifest's checksums first; damage raises CheckpointError naming the file."""
-    tag_dir = _tag_dir(checkpoint_dir, tag)
-    manifest = layout.read_manifest(tag_dir)
-    states = integrity.load_torch_file(tag_dir, layout.MODEL_STATES, manifest, weights_only=False)
+    manifest, states, reader = _open(_tag_dir(checkpoint_dir, tag))
     module_state = states["module"]
     aliases = states.get("shared_params", {})
     params = manifest["params"]
-    reader = ShardReader(tag_dir, manifest)
     done = {}
     try:
         order = list(module_state) + [n for n in manifest["param_order"] if n not in module_state]
@@ -111,7 +120,7 @@ def load_state_dict_from_zero_checkpoint(model, checkpoint_dir, tag=None):
 @click.option("-t", "--tag", default=None, help="Checkpoint tag (default: the one in 'latest').")
 @click.option("--exclude_frozen_parameters", is_flag=True, help="Leave frozen parameters out.")
 def _command(checkpoint_dir, output_file, tag, exclude_frozen_parameters):
-    """Convert a dsrun checkpoint into a PyTorch fp32 state dict file.
+    """Convert a dsrun or DeepSpeed checkpoint into a PyTorch fp32 state dict file.
 
     CHECKPOINT_DIR holds 'latest' (or is a tag folder); OUTPUT_FILE is the file to write (or an existing
     folder: pytorch_model.bin inside it)."""

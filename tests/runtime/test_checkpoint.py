@@ -125,7 +125,7 @@ def test_overwriting_a_tag_replaces_it(tmp_path):
     engine_io.save(e, tmp_path, tag="t")
     e.train_micro_step(_batches(1)[0])
     engine_io.save(e, tmp_path, tag="t")
-    assert sorted(os.listdir(tmp_path)) == ["latest", "t"]
+    assert sorted(os.listdir(tmp_path)) == ["latest", "t", "zero_to_fp32.py"]
     b = _engine(seed=5)
     engine_io.load(b, tmp_path)
     assert b.global_steps == 1
@@ -141,7 +141,7 @@ def test_failure_before_publish_keeps_previous_checkpoint(tmp_path, monkeypatch)
     monkeypatch.setattr(engine_io, "publish_dir", boom)
     with pytest.raises(CheckpointError, match="disk full"):
         engine_io.save(e, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == ["global_step0", "latest"]  # temp folder cleaned up
+    assert sorted(os.listdir(tmp_path)) == ["global_step0", "latest", "zero_to_fp32.py"]  # temp folder cleaned up
     assert layout.read_latest(tmp_path) == "global_step0"
     assert engine_io.load(_engine(), tmp_path)[0] is not None
 

@@ -139,7 +139,7 @@ def test_checkpoint_across_world_sizes_and_stages(tmp_path):
     torch.testing.assert_close(_per_step(two[0]["from_one_losses"], two[1]["from_one_losses"]),
                                _per_step(one_continued), rtol=1e-5, atol=1e-6)
 
-    assert two[0]["warn_tags"] == ["rank0"]  # Warn: everyone saves under rank 0's tag
+    assert two[0]["warn_tags"] == ["rank0", "zero_to_fp32.py"]  # Warn: everyone saves under rank 0's tag
     for r in range(2):
         assert two[r]["fail"] is not None and "not the same on all ranks" in two[r]["fail"]
 

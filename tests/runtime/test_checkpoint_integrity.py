@@ -190,7 +190,7 @@ def test_stale_folders_of_any_tag_are_removed_by_the_next_save(tmp_path):
     os.rename(tmp_path / "c", tmp_path / "c.old-13-dead")  # crash between moving aside and publishing
     _saved(tmp_path, tag="new")
     # c.old is the only complete copy of tag c: kept, and still what tag c loads
-    assert sorted(os.listdir(tmp_path)) == ["b", "c.old-13-dead", "latest", "new"]
+    assert sorted(os.listdir(tmp_path)) == ["b", "c.old-13-dead", "latest", "new", "zero_to_fp32.py"]
     assert engine_io.load(_engine(), tmp_path, tag="c")[0] == str(tmp_path / "c.old-13-dead" / STATES)
 
 
@@ -250,7 +250,7 @@ def test_failed_save_removes_its_partial_folder(tmp_path, how):
     reason = "File too large" if how == "file_size_limit" else "No space left on device"
     assert result["error"] is not None and f"cannot write checkpoint file: {reason}" in result["error"]
     assert ".tmp-" in result["error"] and result["error"].split(":")[0].endswith(".pt")  # names the file
-    assert result["listing"] == ["global_step0", "latest"] and result["freed"]  # partial folder gone
+    assert result["listing"] == ["global_step0", "latest", "zero_to_fp32.py"] and result["freed"]  # partial folder gone
     assert result["loaded"] == os.path.join(root, "global_step0", STATES)
 
 
@@ -285,7 +285,7 @@ def test_two_ranks_failed_save_and_corrupt_shard(tmp_path):
     r0, r1 = run_ranks(_save_with_rank1_disk_full, world_size=2, args=(root,))
     assert "zero_shard_rank1.pt: cannot write checkpoint file: File too large" in r1[0]
     assert r0[0].startswith("writing shard files failed on 1 rank(s): rank 1: CheckpointError:")
-    assert r0[1] == ["latest", "ok"]  # rank 0 removed the partial folder once rank 1 had given up
+    assert r0[1] == ["latest", "ok", "zero_to_fp32.py"]  # rank 0 removed the partial folder once rank 1 had given up
     # each rank verifies the files it reads: only rank 1 reads its own (damaged) shard
     flip_bytes(os.path.join(root, "ok", "zero_shard_rank1.pt"))
     e0, e1 = run_ranks(_load_rank_files, world_size=2, args=(root,))
