@@ -137,6 +137,14 @@ class TrainingMonitor:
             if self.t_step is None:
                 self.t_step = time.perf_counter()
 
+    def busy(self, phase: str, waiting_on: Optional[int] = None) -> None:
+        """Mark this rank busy in `phase`, for an engine whose work does not go through `engine.forward`
+        and `on_backward` (the pipeline engine calls it as each schedule instruction starts). `waiting_on`
+        names the global rank a point-to-point receive waits for (None otherwise): the watchdog's report
+        names the ranks waited on as behind."""
+        self._busy(phase)
+        self.state["waiting_on"] = waiting_on
+
     def on_backward(self, loss: torch.Tensor) -> None:
         """Record one micro-batch's loss (no host sync)."""
         if self.folder is not None and not self.folder.started:
@@ -168,6 +176,7 @@ class TrainingMonitor:
         self.stats.end_step(step, grad_norm, host)
         state = self.state
         state["steps"], state["phase"], state["busy_since"] = step, "between steps", None
+        state.pop("waiting_on", None)
         spp = self.config.steps_per_print
         if (spp and step % spp == 0) or len(self.stats.pending) >= self.drain_every:
             self.flush()

@@ -68,7 +68,15 @@ def format_report(reports: Dict[int, Optional[Dict[str, Any]]], *, timeout_s: fl
     lines = [f"[dsrun hang watchdog] no optimizer step completed within {timeout_s:g} s "
              f"(hang_watchdog.timeout_s); reports from {len(answered)}/{len(reports)} ranks"]
     behind: List[int] = []
-    if answered:
+    # a rank in a point-to-point receive (the pipeline engine) names its peer: the ranks waited on that
+    # wait on nobody are behind, whatever the counters say (stages count differently)
+    waited = {rep["waiting_on"] for rep in answered.values() if rep.get("waiting_on") is not None}
+    idle = sorted(r for r in waited if r in answered and answered[r].get("waiting_on") is None)
+    if idle:
+        behind = idle
+        lines.append("ranks behind: " + ", ".join(map(str, behind)) + " (the others wait for them in a "
+                     "point-to-point receive)")
+    elif answered:
         low = min(_progress(r) for r in answered.values())
         behind = sorted(r for r, rep in answered.items() if _progress(rep) == low)
         if len(behind) == len(answered):
@@ -184,6 +192,7 @@ class HangWatchdog:
                 "phase": self.state.get("phase", "?") if busy is not None else "between steps",
                 "busy_s": time.time() - busy if busy is not None else 0.0,
                 "last_collective": dict(self.state["last"]) if self.state.get("last") else None,
+                "waiting_on": self.state.get("waiting_on") if busy is not None else None,
                 "stack": _main_stack(self.main_thread)}
 
     def _maybe_print(self, episode: int, steps: int) -> None:

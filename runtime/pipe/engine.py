@@ -17,6 +17,12 @@ global-norm clipping are the schedule's RT, RG and OPT instructions.
 Loss: the last stage computes `loss_fn(outputs, labels)` per micro-batch and backpropagates it divided
 by the number of micro-batches; train_batch returns the mean over micro-batches and data-parallel ranks,
 broadcast over the pipe group, so every rank returns the same 0-dim tensor (as DeepSpeed).
+
+Monitoring (runtime/monitor/, as the plain engine): one train_batch is one step. Each training
+instruction marks the rank busy in its phase (a receive names the peer it waits for, so the hang
+watchdog names a stalled stage rather than the stages waiting for it); at the end of train_batch the
+monitor gets the batch's mean loss, which every rank holds, and the step's values. eval_batch is not a
+step and is not watched.
 """
 from __future__ import annotations
 
@@ -87,6 +93,12 @@ class PipelineEngine:
         self._batch_fn = None
         self._boundary = False
         self._clear_buffers()
+        from ..teardown import track_engine
+        track_engine(self)  # destroyed at exit before the process groups ([Note: teardown at exit])
+        # as the plain engine, after composition: progress, metrics folder, monitors, hang watchdog
+        self.dp_group = self.grid.get_data_parallel_group()
+        from ..monitor import apply_monitoring
+        self.monitor = apply_monitoring(engine=self, config=config)
 
     def _build_p2p(self, model) -> StageP2P:
         s, n = self.stage_id, self.num_stages
@@ -209,6 +221,10 @@ class PipelineEngine:
         self.agg_train_loss = self._from_last_stage(
             self._average([self._total_loss / self.micro_batches]) if self.is_last_stage() else None)
         self._clear_buffers()
+        self.monitor.on_backward(self.agg_train_loss)  # the step's loss: one value, already averaged
+        self.monitor.on_step(step=self.global_steps, samples=self.global_samples,
+                             grad_norm=self.stage_optimizer.grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                             loss_scale=1.0, skipped_steps=0)
         return self.agg_train_loss
 
     def eval_batch(self, data_iter, return_logits: bool = False, compute_loss: bool = True, reduce_output="avg",
@@ -280,11 +296,20 @@ class PipelineEngine:
     def _run(self, schedule) -> None:
         self._clear_buffers()
         try:
+            watched = self._kind == "train"
             for step in schedule.steps():
                 for ins in step:
+                    if watched:
+                        self._mark_busy(ins)
                     _DISPATCH[ins.op](self, ins)
         finally:
             self.p2p.wait_sends()
+
+    def _mark_busy(self, ins) -> None:
+        peer = self.p2p.prev_rank if ins.op == "rA" else self.p2p.next_rank if ins.op == "rG" else None
+        phase = f"{_PHASES[ins.op]} (micro-batch {ins.micro_batch})" if ins.micro_batch is not None \
+            else _PHASES[ins.op]
+        self.monitor.busy(phase if peer is None else f"{phase} from rank {peer}", waiting_on=peer)
 
     def _to_device(self, obj):
         if torch.is_tensor(obj):
@@ -386,9 +411,14 @@ class PipelineEngine:
         return self.module.state_dict()
 
     def destroy(self) -> None:
+        self.monitor.close()
         self.stage_optimizer.destroy()
         self._clear_buffers()
 
+
+_PHASES = {"L": "load", "F": "forward", "B": "backward", "sA": "send activations", "rA": "recv activations",
+           "sG": "send grads", "rG": "recv grads", "RT": "tied-weight reduction", "RG": "gradient all-reduce",
+           "OPT": "optimizer step"}
 
 _DISPATCH = {
     "L": PipelineEngine._load,
