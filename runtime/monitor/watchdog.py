@@ -16,7 +16,10 @@ Protocol (keys under `dsrun/watchdog/<n>/`, n counting engines in this process):
    (`sys._current_frames`; collectives release the GIL while they wait, so the thread runs).
 3. Rank 0 waits until every rank has answered or two polls have passed, then prints one report. The
    ranks whose counters (steps, backwards, collectives) are lowest are named as behind: the others
-   wait in a collective for them. A rank that does not answer is named as unresponsive.
+   wait in a collective for them. A rank in a point-to-point receive (the pipeline engine) reports the
+   rank it waits for (`waiting_on`); when some do, the ranks waited on that wait on nobody are named
+   instead (stages count steps alike but backward calls and collectives differently). A rank that does
+   not answer is named as unresponsive.
 Rank 0 prints at most once per stall of its own and then sets `printed`; the report also lands in the
 metrics folder. A rank that triggered and sees no `printed` four polls later prints its own view (rank
 0's Python may be the one stuck).
