@@ -105,7 +105,8 @@ class TrainingMonitor:
                                          world_size=self.world_size, state=self.state, store=default_store(),
                                          write=_stderr, save=self._save_hang_report).start()
             weakref.finalize(self, self.watchdog.stop)  # an engine dropped without destroy() stops it too
-        comm = getattr(getattr(engine, "zero", None), "comm", None)
+        # the plain engine's ZeRO Comm, or the pipeline engine's PipeComm (runtime/pipe/comm.py)
+        comm = getattr(getattr(engine, "zero", None), "comm", None) or vars(engine).get("comm")
         if comm is not None and (self.watchdog or self.comms_logger or self.breakdown):
             self.tap = CommTap(comm, last=self.state["last"] if self.watchdog else None, logger=self.comms_logger,
                                on_time=self.breakdown.add_comm if self.breakdown else None, sync=sync,

@@ -76,9 +76,12 @@ class PipelineEngine:
         if opt is None:
             raise ConfigError("the pipeline engine needs an optimizer", where="optimizer",
                               hint="pass optimizer= to initialize or add an \"optimizer\" section")
+        from .comm import PipeComm
         from .stage_optimizer import StageOptimizer
+        self.comm = PipeComm()  # every transfer goes through it: the monitor taps it (comm.py)
         self.stage_optimizer = StageOptimizer(model, opt, param_dtype=torch_dtype(config.precision.param_dtype),
-                                              grid=self.grid, shard_optimizer_state=config.sharding.optimizer_state)
+                                              grid=self.grid, shard_optimizer_state=config.sharding.optimizer_state,
+                                              comm=self.comm)
         self.optimizer = opt
         self.lr_scheduler = apply_scheduler(client=lr_scheduler, optimizer=opt, config=config)
         self.training_dataloader = apply_data(training_data=training_data, config=config,
@@ -105,11 +108,11 @@ class PipelineEngine:
         if n == 1:
             return StageP2P(prev_rank=None if s == 0 else self.grid.stage_to_global(s - 1),
                             next_rank=None if s == n - 1 else self.grid.stage_to_global(s + 1),
-                            device=self.device, dynamic_shape=model.dynamic_shape)
+                            device=self.device, dynamic_shape=model.dynamic_shape, comm=self.comm)
         from .p2p import channel_groups
         p2p = StageP2P(prev_rank=self.grid.stage_to_global((s - 1) % n), next_rank=self.grid.stage_to_global((s + 1) % n),
                        device=self.device, dynamic_shape=model.dynamic_shape, num_stages=n, stage_id=s,
-                       groups=channel_groups(self.grid, self.num_chunks))
+                       groups=channel_groups(self.grid, self.num_chunks), comm=self.comm)
         p2p.connect()
         return p2p
 
@@ -271,7 +274,7 @@ class PipelineEngine:
             return [self._average([v[i] for v in values]) for i in range(len(values[0]))]
         mean = sum(v.float() for v in values) / len(values)
         if self.dp_world_size > 1:
-            dist.all_reduce(mean, group=self.grid.get_data_parallel_group())
+            self.comm.all_reduce(mean, group=self.grid.get_data_parallel_group())
             mean /= self.dp_world_size
         return mean
 
@@ -282,8 +285,8 @@ class PipelineEngine:
         if not self.is_last_stage():
             value = torch.zeros((), dtype=torch.float32, device=self.device)
         value = value.float().reshape(())
-        dist.broadcast(value, src=self.grid.stage_to_global(self.num_stages - 1),
-                       group=self.grid.get_pipe_parallel_group())
+        self.comm.broadcast(value, src=self.grid.stage_to_global(self.num_stages - 1),
+                            group=self.grid.get_pipe_parallel_group())
         return value
 
     # -- the schedule interpreter ------------------------------------------------------------------------

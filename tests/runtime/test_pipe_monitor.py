@@ -1,6 +1,6 @@
 """The pipeline engine's monitoring, as the plain engine's (tests/runtime/test_monitor.py): a 2-stage
-pipeline under the real launcher leaves the metrics folder with one row per train_batch and prints the
-progress lines; the hang watchdog names a stalled stage, not the stage waiting for it in a receive."""
+pipeline under the real launcher leaves the metrics folder with one row per train_batch, prints the
+progress lines and logs its sends, receives and collectives (comms_logger); the hang watchdog names a stalled stage, not the stage waiting for it in a receive."""
 import csv
 import json
 import os
@@ -43,7 +43,8 @@ def test_two_stage_pipeline_leaves_the_metrics_folder_and_prints_progress(tmp_pa
     (tmp_path / "job.py").write_text(SCRIPT)
     cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 2,
            "optimizer": {"type": "SGD", "params": {"lr": 0.05}},
-           "csv_monitor": {"enabled": True, "output_path": "csvmon", "job_name": "job"}}
+           "csv_monitor": {"enabled": True, "output_path": "csvmon", "job_name": "job"},
+           "comms_logger": {"enabled": True}}
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", "job.py", "ds.json"],
@@ -59,6 +60,11 @@ def test_two_stage_pipeline_leaves_the_metrics_folder_and_prints_progress(tmp_pa
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 4 and summary["world_size"] == 2
     assert summary["data_parallel_size"] == 1 and (folder / "training_curves.png").exists()
+    # rank 0 is stage 0: it sends activations, receives gradients, and joins the norm and loss reductions
+    sizes = {(r["op"], r["bytes"]): r["count"] for r in summary["comms"]}
+    activations = grads = 2 * 8 * 4  # bytes of one micro-batch's; 2 micro-batches a batch
+    assert sizes[("send", activations)] == 2 * 4 + 2 and sizes[("recv", grads)] == 2 * 4, sizes  # eval_batch sends
+    assert {"all_reduce", "broadcast"} <= {op for op, _ in sizes} and "comms_logger summary" in proc.stderr
     lines = [l.split(" | ")[0] for l in proc.stdout.splitlines() if "| loss " in l]
     assert lines == ["[rank 0] step 2", "[rank 0] step 4"], proc.stdout  # rank 0 only, every steps_per_print
     assert len((tmp_path / "csvmon" / "job" / "Train_Samples_train_loss.csv").read_text().splitlines()) == 5
