@@ -26,6 +26,7 @@ step and is not watched.
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -300,11 +301,15 @@ class PipelineEngine:
         self._clear_buffers()
         try:
             watched = self._kind == "train"
+            timer = self.monitor.breakdown if watched else None  # wall_clock_breakdown
             for step in schedule.steps():
                 for ins in step:
                     if watched:
                         self._mark_busy(ins)
-                    _DISPATCH[ins.op](self, ins)
+                    if timer is not None and ins.op in _TIMED:
+                        self._timed(timer, ins)
+                    else:
+                        _DISPATCH[ins.op](self, ins)
         finally:
             self.p2p.wait_sends()
 
@@ -313,6 +318,14 @@ class PipelineEngine:
         phase = f"{_PHASES[ins.op]} (micro-batch {ins.micro_batch})" if ins.micro_batch is not None \
             else _PHASES[ins.op]
         self.monitor.busy(phase if peer is None else f"{phase} from rank {peer}", waiting_on=peer)
+
+    def _timed(self, timer, ins) -> None:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        _DISPATCH[ins.op](self, ins)
+        sync()
+        timer.add(_TIMED[ins.op], time.perf_counter() - start)
 
     def _to_device(self, obj):
         if torch.is_tensor(obj):
@@ -422,6 +435,8 @@ class PipelineEngine:
 _PHASES = {"L": "load", "F": "forward", "B": "backward", "sA": "send activations", "rA": "recv activations",
            "sG": "send grads", "rG": "recv grads", "RT": "tied-weight reduction", "RG": "gradient all-reduce",
            "OPT": "optimizer step"}
+
+_TIMED = {"F": "forward_ms", "B": "backward_ms"}
 
 _DISPATCH = {
     "L": PipelineEngine._load,

@@ -1,6 +1,8 @@
 """The pipeline engine's monitoring, as the plain engine's (tests/runtime/test_monitor.py): a 2-stage
 pipeline under the real launcher leaves the metrics folder with one row per train_batch, prints the
-progress lines and logs its sends, receives and collectives (comms_logger); the hang watchdog names a stalled stage, not the stage waiting for it in a receive."""
+progress lines, logs its sends, receives and collectives (comms_logger) and times its phases
+(wall_clock_breakdown); the hang watchdog names a stalled stage, not the stage waiting for it in a
+receive."""
 import csv
 import json
 import os
@@ -44,7 +46,7 @@ def test_two_stage_pipeline_leaves_the_metrics_folder_and_prints_progress(tmp_pa
     cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2, "steps_per_print": 2,
            "optimizer": {"type": "SGD", "params": {"lr": 0.05}},
            "csv_monitor": {"enabled": True, "output_path": "csvmon", "job_name": "job"},
-           "comms_logger": {"enabled": True}}
+           "comms_logger": {"enabled": True}, "wall_clock_breakdown": True}
     (tmp_path / "ds.json").write_text(json.dumps(cfg))
     env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", "job.py", "ds.json"],
@@ -57,6 +59,7 @@ def test_two_stage_pipeline_leaves_the_metrics_folder_and_prints_progress(tmp_pa
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4] and [int(r["samples"]) for r in rows] == [4, 8, 12, 16]
     assert [float(r["loss"]) for r in rows] == [pytest.approx(v, rel=1e-5) for v in returned]
     assert all(float(r["grad_norm"]) > 0 and float(r["lr"]) == 0.05 and float(r["step_time_s"]) > 0 for r in rows)
+    assert all(float(r[k]) > 0 for r in rows for k in ("forward_ms", "backward_ms", "optimizer_ms", "comm_ms"))
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 4 and summary["world_size"] == 2
     assert summary["data_parallel_size"] == 1 and (folder / "training_curves.png").exists()
