@@ -146,6 +146,13 @@ class TrainingMonitor:
         self._busy(phase)
         self.state["waiting_on"] = waiting_on
 
+    def add_inputs(self, inputs) -> None:
+        """Count the tokens of one training micro-batch's inputs (a tensor, or a tuple led by one), for an
+        engine whose inputs do not go through `engine.forward` (the pipeline's first stage loads them)."""
+        tokens = count_tokens(tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), None)
+        if tokens:
+            self.tokens += tokens
+
     def on_backward(self, loss: torch.Tensor) -> None:
         """Record one micro-batch's loss (no host sync)."""
         if self.folder is not None and not self.folder.started:

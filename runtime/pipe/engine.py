@@ -345,6 +345,8 @@ class PipelineEngine:
             raise PipelineError("each batch from the data iterator must be a pair (inputs, labels)")
         if self._first_virtual(ins):
             self._inputs[(ins.micro_batch, 0)] = self._to_device(batch[0])
+            if self._kind == "train":
+                self.monitor.add_inputs(batch[0])  # tokens/s when the inputs are token ids
         if self._last_virtual(ins):
             self._labels[ins.micro_batch] = self._to_device(batch[1])
 

@@ -26,12 +26,12 @@ SCRIPT = textwrap.dedent("""
 
     dsrun.init_distributed()
     torch.manual_seed(0)
-    layers = [LayerSpec(torch.nn.Linear, 8, 8), torch.nn.Tanh(), LayerSpec(torch.nn.Linear, 8, 8),
+    layers = [LayerSpec(torch.nn.Embedding, 16, 8), torch.nn.Tanh(), LayerSpec(torch.nn.Linear, 8, 8),
               LayerSpec(torch.nn.Linear, 8, 1)]
     model = PipelineModule(layers=layers, num_stages=2, loss_fn=torch.nn.MSELoss(), partition_method="uniform")
     engine, _, _, _ = dsrun.initialize(model=model, config=sys.argv[-1])
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(2, 8, generator=g), torch.randn(2, 1, generator=g)) for _ in range(8)]
+    data = [(torch.randint(0, 16, (2, 3), generator=g), torch.randn(2, 3, 1, generator=g)) for _ in range(8)]
     for step in range(4):
         loss = engine.train_batch(iter(data[2 * step:2 * step + 2]))
         if engine.global_rank == 0:
@@ -60,12 +60,14 @@ def test_two_stage_pipeline_leaves_the_metrics_folder_and_prints_progress(tmp_pa
     assert [float(r["loss"]) for r in rows] == [pytest.approx(v, rel=1e-5) for v in returned]
     assert all(float(r["grad_norm"]) > 0 and float(r["lr"]) == 0.05 and float(r["step_time_s"]) > 0 for r in rows)
     assert all(float(r[k]) > 0 for r in rows for k in ("forward_ms", "backward_ms", "optimizer_ms", "comm_ms"))
+    step_s = [float(r["step_time_s"]) for r in rows]  # 2 micro-batches of 2 x 3 token ids a step
+    assert [float(r["tokens_per_s"]) for r in rows] == [pytest.approx(12 / s, rel=1e-3) for s in step_s]
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 4 and summary["world_size"] == 2
     assert summary["data_parallel_size"] == 1 and (folder / "training_curves.png").exists()
     # rank 0 is stage 0: it sends activations, receives gradients, and joins the norm and loss reductions
     sizes = {(r["op"], r["bytes"]): r["count"] for r in summary["comms"]}
-    activations = grads = 2 * 8 * 4  # bytes of one micro-batch's; 2 micro-batches a batch
+    activations = grads = 2 * 3 * 8 * 4  # bytes of one micro-batch's; 2 micro-batches a batch
     assert sizes[("send", activations)] == 2 * 4 + 2 and sizes[("recv", grads)] == 2 * 4, sizes  # eval_batch sends
     assert {"all_reduce", "broadcast"} <= {op for op, _ in sizes} and "comms_logger summary" in proc.stderr
     lines = [l.split(" | ")[0] for l in proc.stdout.splitlines() if "| loss " in l]
