@@ -2,8 +2,10 @@
 
 The engine calls it at three points and nowhere else: `on_backward(loss)` when `engine.backward`
 starts, `on_step(...)` at the end of each optimizer (boundary) step, `close()` in `engine.destroy()`.
-It wraps `engine.forward` (token counting, busy tracking; the module gets no hook), taps the ZeRO
-collectives when the watchdog, comms_logger or wall_clock_breakdown needs them, and an `atexit`
+The pipeline engine, whose work does not pass through `engine.forward`, calls `on_backward` once per
+batch with the batch's loss, and also `busy(phase)` at each instruction and `add_inputs` for tokens.
+It wraps `engine.forward` (token counting, busy tracking; the module gets no hook), taps the ZeRO (or
+pipeline) transfers when the watchdog, comms_logger or wall_clock_breakdown needs them, and an `atexit`
 handler that finalises the folder when the script ends without `destroy()` (cheap, never raises,
 no collective). The per-step cost with defaults is a few dict updates, one small device add per
 micro-batch and one 8-byte async all-reduce per optimizer step (step_stats.py's [Note: sync-free loss]).
@@ -142,9 +144,9 @@ class TrainingMonitor:
         """Mark this rank busy in `phase`, for an engine whose work does not go through `engine.forward`
         and `on_backward` (the pipeline engine calls it as each schedule instruction starts). `waiting_on`
         names the global rank a point-to-point receive waits for (None otherwise): the watchdog's report
-        names the ranks waited on as behind."""
+        names the ranks waited on as behind, and compares steps only (watchdog.py)."""
         self._busy(phase)
-        self.state["waiting_on"] = waiting_on
+        self.state["waiting_on"], self.state["steps_only"] = waiting_on, True
 
     def add_inputs(self, inputs) -> None:
         """Count the tokens of one training micro-batch's inputs (a tensor, or a tuple led by one), for an

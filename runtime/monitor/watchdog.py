@@ -18,8 +18,8 @@ Protocol (keys under `dsrun/watchdog/<n>/`, n counting engines in this process):
    ranks whose counters (steps, backwards, collectives) are lowest are named as behind: the others
    wait in a collective for them. A rank in a point-to-point receive (the pipeline engine) reports the
    rank it waits for (`waiting_on`); when some do, the ranks waited on that wait on nobody are named
-   instead (stages count steps alike but backward calls and collectives differently). A rank that does
-   not answer is named as unresponsive.
+   instead. Otherwise pipeline ranks (`steps_only`) compare their steps only: stages issue different
+   sends and collectives in a step. A rank that does not answer is named as unresponsive.
 Rank 0 prints at most once per stall of its own and then sets `printed`; the report also lands in the
 metrics folder. A rank that triggered and sees no `printed` four polls later prints its own view (rank
 0's Python may be the one stuck).
@@ -60,6 +60,8 @@ def _main_stack(thread_id: int) -> str:
 
 
 def _progress(report: Dict[str, Any]):
+    if report.get("steps_only"):  # pipeline stages issue different sends and collectives: steps compare
+        return (report.get("steps", 0),)
     return (report.get("steps", 0), report.get("backwards", 0), report.get("collectives", 0))
 
 
@@ -196,6 +198,7 @@ class HangWatchdog:
                 "busy_s": time.time() - busy if busy is not None else 0.0,
                 "last_collective": dict(self.state["last"]) if self.state.get("last") else None,
                 "waiting_on": self.state.get("waiting_on") if busy is not None else None,
+                "steps_only": self.state.get("steps_only", False),
                 "stack": _main_stack(self.main_thread)}
 
     def _maybe_print(self, episode: int, steps: int) -> None:

@@ -125,3 +125,15 @@ def test_watchdog_names_the_stalled_stage_not_the_one_waiting_in_a_receive(tmp_p
     delay = os.path.getmtime(report_path) - float(open(os.path.join(outdir, "sleep_start")).read())
     assert TIMEOUT_S < delay < SLEEP_S, f"report {delay:.1f} s after the stall began"
     assert report.count("[dsrun hang watchdog]") == 1
+
+
+def test_report_across_stages_names_the_rank_waited_on_and_compares_steps_only():
+    from dsrun.runtime.monitor.watchdog import format_report
+    stage = {"steps": 3, "backwards": 3, "phase": "forward (micro-batch 0)", "busy_s": 301.0, "stack": "  s",
+             "steps_only": True}
+    waits = dict(stage, phase="recv activations (micro-batch 0) from rank 1", waiting_on=1, collectives=12)
+    text = format_report({0: dict(stage, collectives=9), 1: dict(stage, collectives=12), 2: waits}, timeout_s=300)
+    assert "ranks behind: 1 (the others wait for them in a point-to-point receive)" in text, text
+    # a collective stall: middle stages issue more transfers a step than end stages; steps alone compare
+    text = format_report({0: dict(stage, collectives=9), 1: dict(stage, collectives=18)}, timeout_s=300)
+    assert "ranks behind: none" in text, text
