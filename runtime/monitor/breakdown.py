@@ -45,6 +45,13 @@ class Breakdown:
         timed.__wrapped__ = fn
         return timed
 
+    def add(self, key: str, seconds: float) -> None:
+        """Time of a phase the engine timed itself, device synchronised at both edges (the pipeline
+        engine's forward and backward instructions, which `engine.forward`/`backward` do not run)."""
+        self.totals[key] += seconds * 1e3
+        if key == "backward_ms":
+            self._backward_end = time.perf_counter()
+
     def add_comm(self, seconds: float) -> None:
         self.totals["comm_ms"] += seconds * 1e3
 

@@ -1,6 +1,7 @@
 """Collective logging (`comms_logger`, DeepSpeed's keys) and the tap that feeds it and the watchdog.
 
-`CommTap` wraps the collectives of one ZeRO `Comm` object by setting instance attributes (the class and
+`CommTap` wraps the collectives of one `Comm` object (ZeRO's, runtime/zero/comm.py, or the pipeline's,
+runtime/pipe/comm.py, which adds broadcast, send and recv) by setting instance attributes (the class and
 every other instance stay untouched; `remove()` deletes them). It is installed from outside the ZeRO
 code, by `apply_monitoring`, and only when something listens:
 - the hang watchdog notes the last collective issued (op, bytes, time): a dict update per call;
@@ -9,8 +10,9 @@ code, by `apply_monitoring`, and only when something listens:
   collective becomes a blocking one: a diagnostic mode, not for production throughput.
 
 Reported per op: bytes (all_reduce: the tensor; all_gather: the gathered output; reduce_scatter and
-all_to_all: the input), time, algorithm bandwidth = bytes / time and bus bandwidth = algbw x 2(n-1)/n for
-all_reduce and x (n-1)/n for the others (nccl-tests' convention), in GB/s (10^9 bytes).
+all_to_all: the input; broadcast, send, recv: the tensor), time, algorithm bandwidth = bytes / time and bus
+bandwidth = algbw x 2(n-1)/n for all_reduce, x 1 for broadcast, send and recv, and x (n-1)/n for the others
+(nccl-tests' convention), in GB/s (10^9 bytes).
 """
 from __future__ import annotations
 
@@ -20,16 +22,19 @@ from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["CommTap", "CommsLogger", "bus_factor"]
 
-OPS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all")
+OPS = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast", "send", "recv")
+_WHOLE = ("broadcast", "send", "recv")  # bus bandwidth = algorithm bandwidth
 
 
 def bus_factor(op: str, world_size: int) -> float:
     n = max(world_size, 1)
+    if op in _WHOLE:
+        return 1.0
     return 2.0 * (n - 1) / n if op == "all_reduce" else (n - 1) / n
 
 
 def _nbytes(op: str, args) -> int:
-    tensor = args[0] if op in ("all_reduce", "all_gather") else (args[1] if len(args) > 1 else args[0])
+    tensor = args[0] if op in ("all_reduce", "all_gather") + _WHOLE else (args[1] if len(args) > 1 else args[0])
     try:
         return tensor.numel() * tensor.element_size()
     except AttributeError:

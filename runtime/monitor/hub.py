@@ -2,8 +2,10 @@
 
 The engine calls it at three points and nowhere else: `on_backward(loss)` when `engine.backward`
 starts, `on_step(...)` at the end of each optimizer (boundary) step, `close()` in `engine.destroy()`.
-It wraps `engine.forward` (token counting, busy tracking; the module gets no hook), taps the ZeRO
-collectives when the watchdog, comms_logger or wall_clock_breakdown needs them, and an `atexit`
+The pipeline engine, whose work does not pass through `engine.forward`, calls `on_backward` once per
+batch with the batch's loss, and also `busy(phase)` at each instruction and `add_inputs` for tokens.
+It wraps `engine.forward` (token counting, busy tracking; the module gets no hook), taps the ZeRO (or
+pipeline) transfers when the watchdog, comms_logger or wall_clock_breakdown needs them, and an `atexit`
 handler that finalises the folder when the script ends without `destroy()` (cheap, never raises,
 no collective). The per-step cost with defaults is a few dict updates, one small device add per
 micro-batch and one 8-byte async all-reduce per optimizer step (step_stats.py's [Note: sync-free loss]).
@@ -105,7 +107,8 @@ class TrainingMonitor:
                                          world_size=self.world_size, state=self.state, store=default_store(),
                                          write=_stderr, save=self._save_hang_report).start()
             weakref.finalize(self, self.watchdog.stop)  # an engine dropped without destroy() stops it too
-        comm = getattr(getattr(engine, "zero", None), "comm", None)
+        # the plain engine's ZeRO Comm, or the pipeline engine's PipeComm (runtime/pipe/comm.py)
+        comm = getattr(getattr(engine, "zero", None), "comm", None) or vars(engine).get("comm")
         if comm is not None and (self.watchdog or self.comms_logger or self.breakdown):
             self.tap = CommTap(comm, last=self.state["last"] if self.watchdog else None, logger=self.comms_logger,
                                on_time=self.breakdown.add_comm if self.breakdown else None, sync=sync,
@@ -136,6 +139,21 @@ class TrainingMonitor:
             state["busy_since"] = time.time()
             if self.t_step is None:
                 self.t_step = time.perf_counter()
+
+    def busy(self, phase: str, waiting_on: Optional[int] = None) -> None:
+        """Mark this rank busy in `phase`, for an engine whose work does not go through `engine.forward`
+        and `on_backward` (the pipeline engine calls it as each schedule instruction starts). `waiting_on`
+        names the global rank a point-to-point receive waits for (None otherwise): the watchdog's report
+        names the ranks waited on as behind, and compares steps only (watchdog.py)."""
+        self._busy(phase)
+        self.state["waiting_on"], self.state["steps_only"] = waiting_on, True
+
+    def add_inputs(self, inputs) -> None:
+        """Count the tokens of one training micro-batch's inputs (a tensor, or a tuple led by one), for an
+        engine whose inputs do not go through `engine.forward` (the pipeline's first stage loads them)."""
+        tokens = count_tokens(tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), None)
+        if tokens:
+            self.tokens += tokens
 
     def on_backward(self, loss: torch.Tensor) -> None:
         """Record one micro-batch's loss (no host sync)."""
@@ -168,6 +186,7 @@ class TrainingMonitor:
         self.stats.end_step(step, grad_norm, host)
         state = self.state
         state["steps"], state["phase"], state["busy_since"] = step, "between steps", None
+        state.pop("waiting_on", None)
         spp = self.config.steps_per_print
         if (spp and step % spp == 0) or len(self.stats.pending) >= self.drain_every:
             self.flush()

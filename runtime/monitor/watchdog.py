@@ -16,7 +16,10 @@ Protocol (keys under `dsrun/watchdog/<n>/`, n counting engines in this process):
    (`sys._current_frames`; collectives release the GIL while they wait, so the thread runs).
 3. Rank 0 waits until every rank has answered or two polls have passed, then prints one report. The
    ranks whose counters (steps, backwards, collectives) are lowest are named as behind: the others
-   wait in a collective for them. A rank that does not answer is named as unresponsive.
+   wait in a collective for them. A rank in a point-to-point receive (the pipeline engine) reports the
+   rank it waits for (`waiting_on`); when some do, the ranks waited on that wait on nobody are named
+   instead. Otherwise pipeline ranks (`steps_only`) compare their steps only: stages issue different
+   sends and collectives in a step. A rank that does not answer is named as unresponsive.
 Rank 0 prints at most once per stall of its own and then sets `printed`; the report also lands in the
 metrics folder. A rank that triggered and sees no `printed` four polls later prints its own view (rank
 0's Python may be the one stuck).
@@ -57,6 +60,8 @@ def _main_stack(thread_id: int) -> str:
 
 
 def _progress(report: Dict[str, Any]):
+    if report.get("steps_only"):  # pipeline stages issue different sends and collectives: steps compare
+        return (report.get("steps", 0),)
     return (report.get("steps", 0), report.get("backwards", 0), report.get("collectives", 0))
 
 
@@ -68,7 +73,15 @@ def format_report(reports: Dict[int, Optional[Dict[str, Any]]], *, timeout_s: fl
     lines = [f"[dsrun hang watchdog] no optimizer step completed within {timeout_s:g} s "
              f"(hang_watchdog.timeout_s); reports from {len(answered)}/{len(reports)} ranks"]
     behind: List[int] = []
-    if answered:
+    # a rank in a point-to-point receive (the pipeline engine) names its peer: the ranks waited on that
+    # wait on nobody are behind, whatever the counters say (stages count differently)
+    waited = {rep["waiting_on"] for rep in answered.values() if rep.get("waiting_on") is not None}
+    idle = sorted(r for r in waited if r in answered and answered[r].get("waiting_on") is None)
+    if idle:
+        behind = idle
+        lines.append("ranks behind: " + ", ".join(map(str, behind)) + " (the others wait for them in a "
+                     "point-to-point receive)")
+    elif answered:
         low = min(_progress(r) for r in answered.values())
         behind = sorted(r for r, rep in answered.items() if _progress(rep) == low)
         if len(behind) == len(answered):
@@ -184,6 +197,8 @@ class HangWatchdog:
                 "phase": self.state.get("phase", "?") if busy is not None else "between steps",
                 "busy_s": time.time() - busy if busy is not None else 0.0,
                 "last_collective": dict(self.state["last"]) if self.state.get("last") else None,
+                "waiting_on": self.state.get("waiting_on") if busy is not None else None,
+                "steps_only": self.state.get("steps_only", False),
                 "stack": _main_stack(self.main_thread)}
 
     def _maybe_print(self, episode: int, steps: int) -> None:

@@ -3,7 +3,8 @@
 Modules, one concept each: `module` (LayerSpec, TiedLayerSpec, PipelineModule), `partition` (which layers
 each stage holds; pure), `topology` (process grids and their groups), `schedule` (schedules as data) and
 `simulate` (running them against each other without tensors), `p2p` (activations and gradients between
-stages), `stage_optimizer` (tied and data-parallel reductions, global-norm clipping, ZeRO-1), `engine`
+stages), `comm` (the one object every transfer goes through, which the monitor taps), `stage_optimizer`
+(tied and data-parallel reductions, global-norm clipping, ZeRO-1), `engine`
 (PipelineEngine: train_batch/eval_batch interpret the schedules), `checkpoint` (per-layer files).
 """
 from .module import LayerSpec, PipelineModule, TiedLayerSpec

@@ -17,9 +17,16 @@ global-norm clipping are the schedule's RT, RG and OPT instructions.
 Loss: the last stage computes `loss_fn(outputs, labels)` per micro-batch and backpropagates it divided
 by the number of micro-batches; train_batch returns the mean over micro-batches and data-parallel ranks,
 broadcast over the pipe group, so every rank returns the same 0-dim tensor (as DeepSpeed).
+
+Monitoring (runtime/monitor/, as the plain engine): one train_batch is one step. Each training
+instruction marks the rank busy in its phase (a receive names the peer it waits for, so the hang
+watchdog names a stalled stage rather than the stages waiting for it); at the end of train_batch the
+monitor gets the batch's mean loss, which every rank holds, and the step's values. eval_batch is not a
+step and is not watched.
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -70,9 +77,12 @@ class PipelineEngine:
         if opt is None:
             raise ConfigError("the pipeline engine needs an optimizer", where="optimizer",
                               hint="pass optimizer= to initialize or add an \"optimizer\" section")
+        from .comm import PipeComm
         from .stage_optimizer import StageOptimizer
+        self.comm = PipeComm()  # every transfer goes through it: the monitor taps it (comm.py)
         self.stage_optimizer = StageOptimizer(model, opt, param_dtype=torch_dtype(config.precision.param_dtype),
-                                              grid=self.grid, shard_optimizer_state=config.sharding.optimizer_state)
+                                              grid=self.grid, shard_optimizer_state=config.sharding.optimizer_state,
+                                              comm=self.comm)
         self.optimizer = opt
         self.lr_scheduler = apply_scheduler(client=lr_scheduler, optimizer=opt, config=config)
         self.training_dataloader = apply_data(training_data=training_data, config=config,
@@ -87,17 +97,23 @@ class PipelineEngine:
         self._batch_fn = None
         self._boundary = False
         self._clear_buffers()
+        from ..teardown import track_engine
+        track_engine(self)  # destroyed at exit before the process groups ([Note: teardown at exit])
+        # as the plain engine, after composition: progress, metrics folder, monitors, hang watchdog
+        self.dp_group = self.grid.get_data_parallel_group()
+        from ..monitor import apply_monitoring
+        self.monitor = apply_monitoring(engine=self, config=config)
 
     def _build_p2p(self, model) -> StageP2P:
         s, n = self.stage_id, self.num_stages
         if n == 1:
             return StageP2P(prev_rank=None if s == 0 else self.grid.stage_to_global(s - 1),
                             next_rank=None if s == n - 1 else self.grid.stage_to_global(s + 1),
-                            device=self.device, dynamic_shape=model.dynamic_shape)
+                            device=self.device, dynamic_shape=model.dynamic_shape, comm=self.comm)
         from .p2p import channel_groups
         p2p = StageP2P(prev_rank=self.grid.stage_to_global((s - 1) % n), next_rank=self.grid.stage_to_global((s + 1) % n),
                        device=self.device, dynamic_shape=model.dynamic_shape, num_stages=n, stage_id=s,
-                       groups=channel_groups(self.grid, self.num_chunks))
+                       groups=channel_groups(self.grid, self.num_chunks), comm=self.comm)
         p2p.connect()
         return p2p
 
@@ -209,6 +225,10 @@ class PipelineEngine:
         self.agg_train_loss = self._from_last_stage(
             self._average([self._total_loss / self.micro_batches]) if self.is_last_stage() else None)
         self._clear_buffers()
+        self.monitor.on_backward(self.agg_train_loss)  # the step's loss: one value, already averaged
+        self.monitor.on_step(step=self.global_steps, samples=self.global_samples,
+                             grad_norm=self.stage_optimizer.grad_norm, lr=self.optimizer.param_groups[0]["lr"],
+                             loss_scale=1.0, skipped_steps=0)
         return self.agg_train_loss
 
     def eval_batch(self, data_iter, return_logits: bool = False, compute_loss: bool = True, reduce_output="avg",
@@ -255,7 +275,7 @@ class PipelineEngine:
             return [self._average([v[i] for v in values]) for i in range(len(values[0]))]
         mean = sum(v.float() for v in values) / len(values)
         if self.dp_world_size > 1:
-            dist.all_reduce(mean, group=self.grid.get_data_parallel_group())
+            self.comm.all_reduce(mean, group=self.grid.get_data_parallel_group())
             mean /= self.dp_world_size
         return mean
 
@@ -266,8 +286,8 @@ class PipelineEngine:
         if not self.is_last_stage():
             value = torch.zeros((), dtype=torch.float32, device=self.device)
         value = value.float().reshape(())
-        dist.broadcast(value, src=self.grid.stage_to_global(self.num_stages - 1),
-                       group=self.grid.get_pipe_parallel_group())
+        self.comm.broadcast(value, src=self.grid.stage_to_global(self.num_stages - 1),
+                            group=self.grid.get_pipe_parallel_group())
         return value
 
     # -- the schedule interpreter ------------------------------------------------------------------------
@@ -280,11 +300,32 @@ class PipelineEngine:
     def _run(self, schedule) -> None:
         self._clear_buffers()
         try:
+            watched = self._kind == "train"
+            timer = self.monitor.breakdown if watched else None  # wall_clock_breakdown
             for step in schedule.steps():
                 for ins in step:
-                    _DISPATCH[ins.op](self, ins)
+                    if watched:
+                        self._mark_busy(ins)
+                    if timer is not None and ins.op in _TIMED:
+                        self._timed(timer, ins)
+                    else:
+                        _DISPATCH[ins.op](self, ins)
         finally:
             self.p2p.wait_sends()
+
+    def _mark_busy(self, ins) -> None:
+        peer = self.p2p.prev_rank if ins.op == "rA" else self.p2p.next_rank if ins.op == "rG" else None
+        phase = f"{_PHASES[ins.op]} (micro-batch {ins.micro_batch})" if ins.micro_batch is not None \
+            else _PHASES[ins.op]
+        self.monitor.busy(phase if peer is None else f"{phase} from rank {peer}", waiting_on=peer)
+
+    def _timed(self, timer, ins) -> None:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        _DISPATCH[ins.op](self, ins)
+        sync()
+        timer.add(_TIMED[ins.op], time.perf_counter() - start)
 
     def _to_device(self, obj):
         if torch.is_tensor(obj):
@@ -304,6 +345,8 @@ class PipelineEngine:
             raise PipelineError("each batch from the data iterator must be a pair (inputs, labels)")
         if self._first_virtual(ins):
             self._inputs[(ins.micro_batch, 0)] = self._to_device(batch[0])
+            if self._kind == "train":
+                self.monitor.add_inputs(batch[0])  # tokens/s when the inputs are token ids
         if self._last_virtual(ins):
             self._labels[ins.micro_batch] = self._to_device(batch[1])
 
@@ -386,9 +429,16 @@ class PipelineEngine:
         return self.module.state_dict()
 
     def destroy(self) -> None:
+        self.monitor.close()
         self.stage_optimizer.destroy()
         self._clear_buffers()
 
+
+_PHASES = {"L": "load", "F": "forward", "B": "backward", "sA": "send activations", "rA": "recv activations",
+           "sG": "send grads", "rG": "recv grads", "RT": "tied-weight reduction", "RG": "gradient all-reduce",
+           "OPT": "optimizer step"}
+
+_TIMED = {"F": "forward_ms", "B": "backward_ms"}
 
 _DISPATCH = {
     "L": PipelineEngine._load,

@@ -236,12 +236,14 @@ class PipelineModule(torch.nn.Module):
             if group is not None:
                 dist.broadcast(param.data, src=owner, group=group)
 
-    def allreduce_tied_weight_gradients(self, grad_of: Callable = lambda p: p.grad) -> None:
-        """Sum the gradients of each tied weight over the stages holding it (DeepSpeed's ReduceTiedGrads)."""
+    def allreduce_tied_weight_gradients(self, grad_of: Callable = lambda p: p.grad, comm=None) -> None:
+        """Sum the gradients of each tied weight over the stages holding it (DeepSpeed's ReduceTiedGrads);
+        through `comm` (the engine's PipeComm, which the monitor taps) when given."""
+        all_reduce = comm.all_reduce if comm is not None else dist.all_reduce
         for param, group, _ in self.get_tied_weights_and_groups():
             grad = grad_of(param)
             if group is not None and grad is not None:
-                dist.all_reduce(grad, group=group)
+                all_reduce(grad, group=group)
 
     # -- forward -------------------------------------------------------------------------------------
 

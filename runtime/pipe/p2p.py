@@ -21,6 +21,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from .comm import PipeComm
+
 __all__ = ["StageP2P", "TensorMeta", "channel_groups"]
 
 Message = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
@@ -82,13 +84,14 @@ class StageP2P:
     """
 
     def __init__(self, *, prev_rank, next_rank, device: torch.device, dynamic_shape: bool = False,
-                 num_stages: int = 1, stage_id: int = 0, groups: Optional[Dict[Tuple[str, int], object]] = None):
+                 num_stages: int = 1, stage_id: int = 0, groups: Optional[Dict[Tuple[str, int], object]] = None,
+                 comm: Optional[PipeComm] = None):
         self.prev_rank, self.next_rank, self.device = prev_rank, next_rank, device
+        self.comm = comm or PipeComm()  # the monitor's tap point (comm.py)
         self.dynamic_shape = dynamic_shape
         self.num_stages, self.stage_id = num_stages, stage_id
         self.groups = groups or {}
         self.ordered = bool(groups)
-        self._pending: List = []
         self._sent: Dict[tuple, TensorMeta] = {}  # (kind, chunk) -> meta of what that chunk sends forward
         self._received: Dict[tuple, TensorMeta] = {}  # (kind, chunk) -> meta of what that chunk receives
 
@@ -113,19 +116,14 @@ class StageP2P:
         return chunk * self.num_stages + self.stage_id
 
     def _send(self, t: torch.Tensor, dst: int, channel: Tuple[str, int]) -> None:
-        if self.ordered:
-            self._pending.append((dist.isend(t, dst, group=self.groups[channel]), t))
-        else:
-            dist.send(t, dst)
+        self.comm.send(t, dst=dst, group=self.groups[channel] if self.ordered else None, ordered=self.ordered)
 
     def _recv(self, t: torch.Tensor, src: int, channel: Tuple[str, int]) -> None:
-        dist.recv(t, src, group=self.groups.get(channel))
+        self.comm.recv(t, src=src, group=self.groups.get(channel))
 
     def wait_sends(self) -> None:
         """Complete every outstanding send (ordered mode; a no-op otherwise)."""
-        for work, _ in self._pending:
-            work.wait()
-        self._pending = []
+        self.comm.wait_sends()
 
     def send_activations(self, msg: Message, kind: str, chunk: int = 0) -> None:
         channel = ("act", self._virtual(chunk))

@@ -27,8 +27,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .comm import PipeComm
 
 __all__ = ["StageOptimizer", "assign_owners"]
 
@@ -50,8 +51,9 @@ class StageOptimizer:
     optimizer over (some of) its parameters, rewired here to the masters this rank owns."""
 
     def __init__(self, module, optimizer: torch.optim.Optimizer, *, param_dtype: torch.dtype, grid,
-                 shard_optimizer_state: bool):
+                 shard_optimizer_state: bool, comm: Optional[PipeComm] = None):
         self.module, self.optimizer, self.grid = module, optimizer, grid
+        self.comm = comm or PipeComm()
         self.names = {p: n for n, p in module.named_parameters()}
         in_optimizer = [p for g in optimizer.param_groups for p in g["params"]]
         for p in in_optimizer:
@@ -115,7 +117,7 @@ class StageOptimizer:
         return out
 
     def reduce_tied(self) -> None:
-        self.module.allreduce_tied_weight_gradients(grad_of=self.grad_of)
+        self.module.allreduce_tied_weight_gradients(grad_of=self.grad_of, comm=self.comm)
 
     def reduce(self) -> None:
         """Mean of the gradients over the data-parallel group."""
@@ -123,7 +125,7 @@ class StageOptimizer:
         if self.dp_world == 1 or not grads:
             return
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=self.dp_group)
+        self.comm.all_reduce(flat, group=self.dp_group)
         flat.div_(self.dp_world)
         for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
             g.copy_(reduced)
@@ -137,7 +139,7 @@ class StageOptimizer:
         sq = torch.stack(torch._foreach_norm(grads)).float().pow(2).sum() if grads else \
             torch.zeros((), device=device)
         if self.grid.get_pipe_parallel_world_size() > 1:
-            dist.all_reduce(sq, group=self.grid.get_pipe_parallel_group())
+            self.comm.all_reduce(sq, group=self.grid.get_pipe_parallel_group())
         return sq.sqrt()
 
     @torch.no_grad()
@@ -171,7 +173,7 @@ class StageOptimizer:
             if not tensors:
                 continue
             flat = _flatten_dense_tensors(tensors)
-            dist.broadcast(flat, src=src, group=self.dp_group)
+            self.comm.broadcast(flat, src=src, group=self.dp_group)
             if r != self.dp_rank:
                 for t, new in zip(tensors, _unflatten_dense_tensors(flat, tensors)):
                     t.copy_(new)

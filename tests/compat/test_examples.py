@@ -1,7 +1,8 @@
-"""DeepSpeedExamples' scripts under the dsrun launcher with 2 CPU ranks (issue 16): cifar, GAN, imagenet and
-HelloDeepSpeed, copied into tests/compat/examples/ with only the import lines and the data loading changed
+"""DeepSpeedExamples' scripts under the dsrun launcher with 2 CPU ranks (issue 16): cifar, GAN, imagenet,
+HelloDeepSpeed and the pipeline (AlexNet) example, copied into tests/compat/examples/ with only the import lines and the data loading changed
 (plus, where a script calls CUDA directly, those calls; each copy's header names its origin and its .diff
 records every change). Tiny sizes through the scripts' own command-line arguments, a few steps each."""
+import json
 import math
 import os
 import re
@@ -16,7 +17,8 @@ UPSTREAM_COMMIT = "45b4b7156c8794a3452a5a7d03dbd8d797068569"
 SCRIPTS = {"gan/gan_deepspeed_train.py": "gan/gan_deepspeed_train.diff",
            "cifar/cifar10_deepspeed.py": "cifar/cifar10_deepspeed.diff",
            "imagenet/main.py": "imagenet/main.diff",
-           "hello_deepspeed/train_bert_ds.py": "hello_deepspeed/train_bert_ds.diff"}
+           "hello_deepspeed/train_bert_ds.py": "hello_deepspeed/train_bert_ds.diff",
+           "pipeline/train.py": "pipeline/train.diff"}
 
 
 def _launch(tmp_path, script, *args, ranks=2, timeout=300):
@@ -93,6 +95,23 @@ def test_hello_deepspeed_bert_saves_and_resumes_on_more_ranks(tmp_path):
                   "--num_iterations", "6", *tiny)
     assert len(_floats(r"Loss: ([\d.]+)", out)) == 2  # steps 4 and 5 after the saved checkpoint_step 3
     assert (exp / "latest").read_text().strip() == "global_step4", out[-3000:]
+
+
+@pytest.mark.slow
+def test_pipeline_alexnet_two_stages(tmp_path):
+    """training/pipeline_parallelism: torchvision's AlexNet flattened by the script's `join_layers` (a
+    lambda among the layers) into a 2-stage PipelineModule partitioned by parameters, trained by
+    `train_batch()` from `training_data=`. The upstream ds_config.json with the batch made small (256
+    images in micro-batches of 8 is 32 AlexNet micro-batches a step); `--backend gloo` is the script's
+    own flag (its default, nccl, needs CUDA). The script prints nothing itself: the losses are dsrun's
+    progress lines, one per train_batch."""
+    cfg = json.load(open(os.path.join(EXAMPLES, "pipeline", "ds_config.json")))
+    cfg.update(train_batch_size=4, train_micro_batch_size_per_gpu=2, steps_per_print=1)
+    (tmp_path / "ds_config.json").write_text(json.dumps(cfg))
+    out = _launch(tmp_path, "pipeline/train.py", "--deepspeed_config", "ds_config.json", "-p", "2", "--steps", "3",
+                  "--backend", "gloo")
+    assert len(_floats(r"\[rank 0\] step \d \| loss ([\d.]+)", out)) == 3
+    assert (tmp_path / "output" / "deepspeed_metrics" / "training_metrics.csv").read_text().count("\n") == 4
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
