@@ -96,6 +96,7 @@ def init_distributed(dist_backend: Optional[str] = None, auto_mpi_discovery: boo
     from .rank_errors import install_excepthook
     from .teardown import ensure_registered
     install_excepthook()
+    _check_backend(backend)
     importlib.import_module("torch.distributed._shard")  # imported first, it cannot pin the group ([Note: teardown at exit])
     ensure_registered()  # process groups are destroyed before the interpreter finalises ([Note: teardown at exit])
     if init_method is not None:  # the caller's rendezvous, untouched
@@ -105,6 +106,16 @@ def init_distributed(dist_backend: Optional[str] = None, auto_mpi_discovery: boo
     # torch prefixes the store of its own rendezvous the same way (distributed_c10d.init_process_group)
     dist.init_process_group(backend, store=dist.PrefixStore("default_pg", store), rank=rank, world_size=world_size,
                             timeout=timeout)
+
+
+def _check_backend(backend: str) -> None:
+    """UsageError (exit 2) for NCCL where it cannot run: a CPU-only torch build, or no GPU (DeepSpeedExamples
+    default to `--backend nccl`; torch's own error is a traceback about a missing NCCL build)."""
+    if backend.lower() == "nccl" and not (dist.is_nccl_available() and torch.cuda.is_available()):
+        why = "this torch build has no NCCL" if not dist.is_nccl_available() else "no CUDA GPU is visible"
+        raise UsageError(f"dist_backend 'nccl' cannot run here: {why} (torch {torch.__version__})",
+                         hint="use dist_backend='gloo' (a script's --backend gloo), or leave it unset: dsrun "
+                              "picks nccl when CUDA is available, else gloo")
 
 
 def _job_store(addr: str, port: int, rank: int, world_size: int, timeout: timedelta, environ) -> "dist.Store":

@@ -64,3 +64,12 @@ torch.distributed.barrier()
     with open(root["error_file"]) as f:
         stack = json.load(f)["message"]["extraInfo"]["py_callstack"]
     assert "raise RuntimeError" in stack
+
+
+def test_nccl_without_gpus_is_a_usage_error(tmp_path):
+    """DeepSpeedExamples default to `--backend nccl`; on a CPU machine that is exit 2 with the fix named, not
+    torch's traceback about a missing NCCL build."""
+    proc = run_job(tmp_path, 'deepspeed.init_distributed(dist_backend="nccl")\n')
+    assert proc.returncode == 2, proc.stderr
+    assert "dist_backend 'nccl' cannot run here" in proc.stderr and "gloo" in proc.stderr
+    assert "Traceback" not in proc.stderr
