@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 
 import torch
 
 from dsrun.runtime.checkpoint import deepspeed_format, integrity, layout
-from dsrun.runtime.checkpoint.atomic import fsync_dir, publish_dir, torch_save_synced, write_file_atomic
+from dsrun.runtime.checkpoint.atomic import fsync_dir, torch_save_synced, write_file_atomic
 from dsrun.runtime.checkpoint.comm import Comm
+from dsrun.runtime.checkpoint.save_folder import SaveFolder
 from dsrun.runtime.checkpoint.errors import CheckpointArgumentError, CheckpointError
 from dsrun.runtime.checkpoint.shard_io import ShardReader, check_coverage, plan_ownership, shard_payload
 from dsrun.runtime.log import warn_once_rank0
@@ -126,57 +125,29 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest=True, exclud
         held.setdefault(s.name, []).append((s.start, s.end))
     meta = {s.name: {"shape": list(s.shape), "dtype": str(s.dtype).replace("torch.", ""), "numel": s.numel,
                      "frozen": bool(s.frozen)} for s in shards}
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}" if comm.rank == 0 else None
     optim_keys = sorted({k for s in shards for k in (s.optim or {})})
-    gathered = comm.all_gather({"held": held, "token": token, "rng": _rng_state(), "optim_keys": optim_keys})
+    gathered = comm.all_gather({"held": held, "rng": _rng_state(), "optim_keys": optim_keys})
     plan = plan_ownership([g["held"] for g in gathered])
     check_coverage(plan, {name: info["numel"] for name, info in meta.items()})
-    token = gathered[0]["token"]
-    tmp_dir = os.path.join(save_dir, f"{tag}{layout.TMP_MARK}{token}")
-    final_dir = os.path.join(save_dir, tag)
-
-    error = None
-    if comm.rank == 0:
-        try:
-            os.makedirs(save_dir, exist_ok=True)
-            # Folders of earlier crashed or failed saves (any tag). Safe here: this save's other ranks
-            # write nothing before the collective below, and its own temp folder does not exist yet.
-            layout.remove_stale(save_dir)
-            os.makedirs(tmp_dir)
-        except OSError as err:
-            error = err
-    comm.raise_if_any(error, f"creating {tmp_dir}")
+    folder = SaveFolder.open(comm, save_dir, tag)
 
     mine = plan[comm.rank]
-    record = None
+    record = error = None
     try:
         if mine:
             payload = {"format_version": layout.FORMAT_VERSION, "rank": comm.rank, "world_size": comm.world_size,
                        "entries": shard_payload(shards, mine)}
-            record = torch_save_synced(payload, os.path.join(tmp_dir, layout.shard_file(comm.rank)))
+            record = torch_save_synced(payload, os.path.join(folder.tmp_dir, layout.shard_file(comm.rank)))
     except Exception as err:  # reported on every rank below
         error = err
-    try:
-        records = comm.raise_if_any(error, "writing shard files", value=record)
-    except CheckpointError:
-        # Every rank has passed the collective, so none is still writing: remove the partial folder.
-        if comm.rank == 0:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+    records = folder.written(error, "writing shard files", value=record)
     checksums = {layout.shard_file(r): rec for r, rec in enumerate(records) if rec is not None}
 
-    if comm.rank == 0:
-        try:
-            _write_rank0_files(engine, comm, tmp_dir, tag, plan, meta, client_state, exclude_frozen_parameters,
-                               gathered, checksums)
-            _write_converter_script(save_dir)
-            publish_dir(tmp_dir, final_dir, os.path.join(save_dir, f"{tag}{layout.OLD_MARK}{token}"))
-            if save_latest:
-                layout.write_latest(save_dir, tag)
-        except Exception as err:
-            error = err
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    comm.raise_if_any(error, f"publishing checkpoint {final_dir}")
+    def last_files():
+        _write_rank0_files(engine, comm, folder.tmp_dir, tag, plan, meta, client_state, exclude_frozen_parameters,
+                           gathered, checksums)
+        _write_converter_script(folder.save_dir)
+    folder.publish(save_latest, last_files)
     return True
 
 

@@ -24,14 +24,13 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import shutil
-import uuid
 
 import torch
 
 from ..checkpoint import layout
-from ..checkpoint.atomic import publish_dir, torch_save_synced
+from ..checkpoint.atomic import torch_save_synced
 from ..checkpoint.comm import Comm
+from ..checkpoint.save_folder import SaveFolder
 from ..checkpoint.errors import CheckpointError
 
 __all__ = ["save", "load", "layer_file", "stage_file", "optim_file"]
@@ -80,38 +79,15 @@ def save(engine, save_dir, tag=None, client_state=None, save_latest: bool = True
     save_dir = os.fspath(save_dir)
     comm = Comm()
     tag = layout.validate_tag(layout.default_tag(engine.global_steps) if tag is None else tag)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}" if comm.rank == 0 else None
-    tag, token = comm.all_gather((tag, token))[0]  # rank 0's tag and temp folder for everyone
-    tmp_dir = os.path.join(save_dir, f"{tag}{layout.TMP_MARK}{token}")
-    final_dir = os.path.join(save_dir, tag)
+    tag = comm.all_gather(tag)[0]  # rank 0's tag for everyone
+    folder = SaveFolder.open(comm, save_dir, tag)
     error = None
-    if comm.rank == 0:
-        try:
-            os.makedirs(save_dir, exist_ok=True)
-            layout.remove_stale(save_dir)
-            os.makedirs(tmp_dir)
-        except OSError as err:
-            error = err
-    comm.raise_if_any(error, f"creating {tmp_dir}")
     try:
-        _write_rank_files(engine, tmp_dir, tag, client_state or {})
+        _write_rank_files(engine, folder.tmp_dir, tag, client_state or {})
     except Exception as err:  # reported on every rank below
         error = err
-    try:
-        comm.raise_if_any(error, "writing pipeline checkpoint files")
-    except CheckpointError:
-        if comm.rank == 0:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    if comm.rank == 0:
-        try:
-            publish_dir(tmp_dir, final_dir, os.path.join(save_dir, f"{tag}{layout.OLD_MARK}{token}"))
-            if save_latest:
-                layout.write_latest(save_dir, tag)
-        except Exception as err:
-            error = err
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-    comm.raise_if_any(error, f"publishing checkpoint {final_dir}")
+    folder.written(error, "writing pipeline checkpoint files")
+    folder.publish(save_latest)
     return True
 
 

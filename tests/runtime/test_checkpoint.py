@@ -138,7 +138,8 @@ def test_failure_before_publish_keeps_previous_checkpoint(tmp_path, monkeypatch)
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(engine_io, "publish_dir", boom)
+    from dsrun.runtime.checkpoint import save_folder
+    monkeypatch.setattr(save_folder, "publish_dir", boom)
     with pytest.raises(CheckpointError, match="disk full"):
         engine_io.save(e, tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["global_step0", "latest", "zero_to_fp32.py"]  # temp folder cleaned up
@@ -163,13 +164,13 @@ CRASH_SCRIPT = textwrap.dedent("""
     import os, sys, torch
     sys.path.insert(0, {tests!r})
     from test_checkpoint import _engine, _batches
-    from dsrun.runtime.checkpoint import engine_io, atomic
+    from dsrun.runtime.checkpoint import engine_io, atomic, save_folder
     e = _engine()
     engine_io.save(e, {root!r})
     e.train_micro_step(_batches(1)[0])
     point = {point!r}
     if point == "publish":
-        engine_io.publish_dir = lambda *a: os._exit(17)
+        save_folder.publish_dir = lambda *a: os._exit(17)
     elif point == "latest":
         engine_io.layout.write_latest = lambda *a: os._exit(17)
     elif point == "rename":  # overwrite of the same tag: crash after moving the old copy aside

@@ -91,6 +91,11 @@ def _two_ranks(rank, world, root, one_rank_dir):
     engine = _engine(stage=1, world=world)
     engine.save_checkpoint(os.path.join(root, "tags"), tag=f"rank{rank}", save_latest=False)
     out["warn_tags"] = sorted(os.listdir(os.path.join(root, "tags")))
+    # per-rank save directories (a script naming its folder after each rank's clock): rank 0's, whole
+    engine.save_checkpoint(os.path.join(root, f"dir_of_rank{rank}"), tag="t")
+    out["dirs"] = sorted(d for d in os.listdir(root) if d.startswith("dir_of_rank"))
+    if out["dirs"] == ["dir_of_rank0"]:
+        engine.load_checkpoint(os.path.join(root, "dir_of_rank0"), tag="t")
     from dsrun.runtime.checkpoint import engine_io
     engine_io._tag_validation_mode = lambda e: "fail"
     try:
@@ -140,6 +145,7 @@ def test_checkpoint_across_world_sizes_and_stages(tmp_path):
                                _per_step(one_continued), rtol=1e-5, atol=1e-6)
 
     assert two[0]["warn_tags"] == ["rank0", "zero_to_fp32.py"]  # Warn: everyone saves under rank 0's tag
+    assert two[0]["dirs"] == two[1]["dirs"] == ["dir_of_rank0"]  # and under rank 0's save directory
     for r in range(2):
         assert two[r]["fail"] is not None and "not the same on all ranks" in two[r]["fail"]
 
