@@ -44,7 +44,7 @@ from dsrun.errors import ConfigError
 
 from ..log import rank0_warns
 
-__all__ = ["ConfigDeprecationWarning", "ConfigIgnoredKeyWarning", "Section", "opt", "parse_section", "ParseContext",
+__all__ = ["ConfigDeprecationWarning", "ConfigIgnoredKeyWarning", "warn_deprecated", "Section", "opt", "parse_section", "ParseContext",
            "did_you_mean", "join", "unknown_key_error", "convert", "warn_ignored"]
 
 _MISSING = dataclasses.MISSING
@@ -68,6 +68,15 @@ def warn_ignored(path: str, reason: str) -> None:
         return
     warnings.warn_explicit(f"{path}: accepted for DeepSpeed compatibility but ignored by dsrun ({reason})",
                            ConfigIgnoredKeyWarning, "dsrun config", 0, module="dsrun.runtime.config", registry=_ONCE)
+
+
+def warn_deprecated(message: str) -> None:
+    """One line for a deprecated key (`message` starts with its key path), in the same form as
+    `warn_ignored`: an explicit location, so no source line of dsrun is printed under it. Rank 0 only."""
+    if not rank0_warns():
+        return
+    warnings.warn_explicit(message, ConfigDeprecationWarning, "dsrun config", 0, module="dsrun.runtime.config",
+                           registry=_ONCE)
 
 
 def opt(default=_MISSING, *, factory=None, aliases: Tuple[str, ...] = (),

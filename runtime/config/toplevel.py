@@ -11,16 +11,14 @@ mean "never", which is `None` here.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from dsrun.errors import ConfigError
 
-from ..log import rank0_warns
 from .optim import OptimizerConfig, SchedulerConfig
 from .precision import BF16Config, DataTypesConfig, FP16Config, TorchAutocastConfig
-from .schema import ConfigDeprecationWarning, ParseContext, Section, join, opt
+from .schema import ParseContext, Section, join, opt, warn_deprecated
 from .sections import (ActivationCheckpointingConfig, AioConfig, CheckpointConfig, CometConfig, CommsLoggerConfig,
                        CSVMonitorConfig, FlopsProfilerConfig, HangWatchdogConfig, MetricsConfig, PipelineConfig,
                        TensorBoardConfig, WandbConfig)
@@ -139,9 +137,7 @@ class TopLevelConfig(Section):
     def _before(cls, data: Dict[str, Any], where: str, ctx: ParseContext) -> Dict[str, Any]:
         zero = data.get("zero_optimization")
         if isinstance(zero, bool):
-            if rank0_warns():  # every rank loads the config; one copy of the warning is enough
-                warnings.warn("'zero_optimization: true/false' is deprecated; use zero_optimization: {stage: N}",
-                              ConfigDeprecationWarning, stacklevel=2)
+            warn_deprecated("zero_optimization: 'true/false' is deprecated; use zero_optimization: {stage: N}")
             data["zero_optimization"] = {"stage": 1 if zero else 0}
         for key in ("zero_optimization", "fp16", "bf16", "bfloat16", "checkpoint", "pipeline",
                     "activation_checkpointing", "data_types"):

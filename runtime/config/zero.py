@@ -18,14 +18,12 @@ accepted and ignored with a warning ([Note: inert keys] in schema.py).
 from __future__ import annotations
 
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from dsrun.errors import ConfigError
 
-from ..log import rank0_warns
-from .schema import ConfigDeprecationWarning, ParseContext, Section, join, opt, warn_ignored
+from .schema import ParseContext, Section, join, opt, warn_deprecated, warn_ignored
 
 __all__ = ["ZeroConfig", "OffloadOptimizerConfig", "OffloadParamConfig"]
 
@@ -182,22 +180,17 @@ class ZeroConfig(Section):
             if new in data and data[new] is not None:
                 raise ConfigError(f"'{old}' (deprecated) and '{new}' are both set; keep only '{new}'",
                                   where=join(where, old))
-            if rank0_warns():  # every rank loads the config; one copy of the warning is enough
-                warnings.warn(f"{join(where, old)} is deprecated; use {new}: {{device: cpu}}",
-                              ConfigDeprecationWarning, stacklevel=2)
+            warn_deprecated(f"{join(where, old)} is deprecated; use {new}: {{device: cpu}}")
             if value:
                 data[new] = {"device": "cpu"} if pin is None else {"device": "cpu", "pin_memory": pin}
-        if pin is not None and rank0_warns():
-            warnings.warn(f"{join(where, 'cpu_offload_use_pin_memory')} is deprecated; use "
-                          "offload_*.pin_memory", ConfigDeprecationWarning, stacklevel=2)
+        if pin is not None:
+            warn_deprecated(f"{join(where, 'cpu_offload_use_pin_memory')} is deprecated; use offload_*.pin_memory")
         old = "stage3_gather_fp16_weights_on_model_save"
         if old in data:
             if "gather_16bit_weights_on_model_save" in data or "stage3_gather_16bit_weights_on_model_save" in data:
                 raise ConfigError(f"'{old}' (deprecated) and its replacement are both set; keep only "
                                   "'stage3_gather_16bit_weights_on_model_save'", where=join(where, old))
-            if rank0_warns():
-                warnings.warn(f"{join(where, old)} is deprecated; use stage3_gather_16bit_weights_on_model_save",
-                              ConfigDeprecationWarning, stacklevel=2)
+            warn_deprecated(f"{join(where, old)} is deprecated; use stage3_gather_16bit_weights_on_model_save")
             data["gather_16bit_weights_on_model_save"] = data.pop(old)
         return data
 

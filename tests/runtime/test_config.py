@@ -492,3 +492,14 @@ def test_getattr_delegation_and_compat_class():
     assert (d.train_batch_size, d.train_micro_batch_size_per_gpu, d.zero_optimization_stage) == (8, 8, 2)
     assert d.zero_enabled and d.bfloat16_enabled and not d.fp16_enabled and d.optimizer_name == "adamw"
     assert d.sharding.gradients  # everything else through the DsConfig
+
+
+def test_deprecation_warnings_name_the_config_not_dsrun_source():
+    """Like the ignored-key warnings, a deprecated key's warning is located at 'dsrun config', so Python
+    prints no line of dsrun's own source under it."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg(zero_optimization={"stage": 2, "cpu_offload": True})
+    [w] = [w for w in caught if "cpu_offload is deprecated" in str(w.message)]
+    assert w.filename == "dsrun config" and str(w.message).startswith("zero_optimization.cpu_offload")
