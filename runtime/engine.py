@@ -37,6 +37,7 @@ import torch.distributed as dist
 from dsrun.errors import ConfigError
 
 from .config.policies import torch_dtype
+from .config_queries import ConfigQueries
 from .engine_compat import EngineCompat, compat_getattr, optimizer_view
 from .log import get_logger, log_auto_resolved
 from .shard_state import MASTER_KEY, ParamShard, ReadFn
@@ -46,7 +47,7 @@ __all__ = ["Engine", "DeepSpeedEngine"]
 log = get_logger()
 
 
-class Engine(EngineCompat, torch.nn.Module):
+class Engine(ConfigQueries, EngineCompat, torch.nn.Module):
     def __init__(self, *, model: torch.nn.Module, config, optimizer=None, model_parameters=None,
                  lr_scheduler=None, training_data=None, collate_fn=None, dp_group=None):
         super().__init__()
@@ -250,25 +251,10 @@ class Engine(EngineCompat, torch.nn.Module):
         self._settle()
         return [g.get("betas", (g.get("momentum"),))[0] for g in self.optimizer.param_groups]
 
-    def train_batch_size(self) -> int:
-        return self.config.train_batch_size
-
-    def train_micro_batch_size_per_gpu(self) -> int:
-        return self.config.train_micro_batch_size_per_gpu
-
-    def gradient_accumulation_steps(self) -> int:
-        return self.config.gradient_accumulation_steps
-
-    def zero_optimization_stage(self) -> int:
-        return self.config.zero.stage
-
     @property
     def sharding_policy(self):
         """What is sharded across the data-parallel group (`ShardingPolicy`; checkpoints record it)."""
         return self.config.sharding
-
-    def gradient_clipping(self) -> float:
-        return self.config.gradient_clipping
 
     def fp16_enabled(self) -> bool:
         return self.precision.param_dtype == "fp16"

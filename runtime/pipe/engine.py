@@ -35,6 +35,7 @@ import torch.distributed as dist
 from dsrun.errors import ConfigError
 
 from ..config.policies import torch_dtype
+from ..config_queries import ConfigQueries
 from .p2p import StageP2P
 from .schedule import InferenceSchedule, InterleavedInferenceSchedule, InterleavedTrainSchedule, TrainSchedule
 
@@ -45,7 +46,7 @@ class PipelineError(Exception):
     """Errors related to the use of the pipeline engine (DeepSpeed's class)."""
 
 
-class PipelineEngine:
+class PipelineEngine(ConfigQueries):
     """See the module docstring. Built by `dsrun.initialize`; every rank of the world builds one."""
 
     def __init__(self, *, model, config, optimizer=None, model_parameters=None, lr_scheduler=None,
@@ -174,18 +175,6 @@ class PipelineEngine:
 
     def is_gradient_accumulation_boundary(self) -> bool:
         return self._boundary
-
-    def train_batch_size(self) -> int:
-        return self.config.train_batch_size
-
-    def train_micro_batch_size_per_gpu(self) -> int:
-        return self.config.train_micro_batch_size_per_gpu
-
-    def gradient_accumulation_steps(self) -> int:
-        return self.config.gradient_accumulation_steps
-
-    def zero_optimization_stage(self) -> int:
-        return self.config.zero.stage
 
     def get_lr(self):
         return [g["lr"] for g in self.optimizer.param_groups]
