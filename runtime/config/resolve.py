@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from dsrun.errors import ConfigError
 
 from .policies import AioPolicy, CommPolicy, Device, LossScalePolicy, OffloadPolicy, PrecisionPolicy, ShardingPolicy
-from .schema import warn_ignored
+from .schema import warn_adjusted, warn_ignored
 
 if TYPE_CHECKING:
     from .toplevel import TopLevelConfig
@@ -52,6 +52,11 @@ def offload_policy(top: "TopLevelConfig") -> OffloadPolicy:
     param_dev = Device(zero.offload_param_device)
     if opt_dev is Device.NONE and param_dev is Device.NONE:
         return OffloadPolicy()
+    if opt_dev is Device.NONE:  # DeepSpeed takes offload_param alone (its fp32 masters stay on the device)
+        opt_dev, opt_cfg = param_dev, param_cfg
+        warn_adjusted(f"zero_optimization.offload_param: without offload_optimizer, dsrun offloads the optimizer "
+                      f"to {param_dev.value} too (the host step updates the offloaded parameter shards; same "
+                      f"results, less device memory); add offload_optimizer to say so")
     if opt_dev is Device.NVME and param_dev is Device.NVME and opt_cfg.nvme_path != param_cfg.nvme_path:
         raise ConfigError("offload_optimizer and offload_param use different nvme_path values; dsrun swaps to one "
                           "directory", where="zero_optimization.offload_param.nvme_path",
@@ -64,7 +69,7 @@ def offload_policy(top: "TopLevelConfig") -> OffloadPolicy:
     io = AioPolicy(block_size=aio.block_size, queue_depth=aio.queue_depth, thread_count=aio.intra_op_parallelism,
                    overlap_events=aio.overlap_events)
     return OffloadPolicy(optimizer=opt_dev, params=param_dev, nvme_path=nvme_path, pin_memory=primary.pin_memory,
-                         ratio=opt_cfg.ratio if opt_cfg is not None else 1.0, buffer_count=primary.buffer_count,
+                         ratio=getattr(opt_cfg, "ratio", 1.0), buffer_count=primary.buffer_count,
                          buffer_size=buffer_size, aio=io)
 
 

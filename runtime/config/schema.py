@@ -44,7 +44,7 @@ from dsrun.errors import ConfigError
 
 from ..log import rank0_warns
 
-__all__ = ["ConfigDeprecationWarning", "ConfigIgnoredKeyWarning", "warn_deprecated", "Section", "opt", "parse_section", "ParseContext",
+__all__ = ["ConfigDeprecationWarning", "ConfigIgnoredKeyWarning", "warn_deprecated", "warn_adjusted", "Section", "opt", "parse_section", "ParseContext",
            "did_you_mean", "join", "unknown_key_error", "convert", "warn_ignored"]
 
 _MISSING = dataclasses.MISSING
@@ -77,6 +77,14 @@ def warn_deprecated(message: str) -> None:
         return
     warnings.warn_explicit(message, ConfigDeprecationWarning, "dsrun config", 0, module="dsrun.runtime.config",
                            registry=_ONCE)
+
+
+def warn_adjusted(message: str) -> None:
+    """One line for a setting dsrun completes or adjusts (`message` starts with its key path), in the form
+    of `warn_ignored`. Rank 0 only."""
+    if not rank0_warns():
+        return
+    warnings.warn_explicit(message, UserWarning, "dsrun config", 0, module="dsrun.runtime.config", registry=_ONCE)
 
 
 def opt(default=_MISSING, *, factory=None, aliases: Tuple[str, ...] = (),

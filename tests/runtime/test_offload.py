@@ -267,8 +267,27 @@ def test_adagrad_runs_the_cpu_kernel_and_a_real_layout_over_budget_is_refused():
         assert refused is not None and f"needs {needed} bytes" in refused and "1024 bytes" in refused
 
 
+@pytest.mark.parametrize("device", ("cpu", "nvme"))
+def test_parameter_offload_alone_offloads_the_optimizer_too(device, tmp_path):
+    """DeepSpeed takes offload_param without offload_optimizer; dsrun runs it with the optimizer offloaded to
+    the same device (its host step updates the offloaded shards), saying so once."""
+    import warnings
+
+    from dsrun.runtime.config import load_config
+    from dsrun.runtime.config.policies import Device
+    from dsrun.runtime.engine import Engine
+    param = {"device": device, **({"nvme_path": str(tmp_path)} if device == "nvme" else {})}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = load_config({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "offload_param": param}},
+                          world_size=1)
+    assert cfg.offload.optimizer is Device(device) and cfg.offload.params is Device(device)
+    Engine._check_supported(cfg)
+    [w] = [w for w in caught if "without offload_optimizer" in str(w.message)]
+    assert w.filename == "dsrun config" and str(w.message).startswith("zero_optimization.offload_param")
+
+
 @pytest.mark.parametrize("zero,where,says", [
-    ({"stage": 3, "offload_param": {"device": "cpu"}}, "zero_optimization.offload_param", "needs offload_optimizer"),
     ({"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"},
       "offload_optimizer": {"device": "cpu"}}, "zero_optimization.offload_param.device",
      "needs offload_optimizer on NVMe")])
