@@ -2,9 +2,9 @@
 
 Contenders (bf16 module, AdamW(fused) on fp32 masters, gradient clipping 1.0, the same layer objects):
   unpipelined          the whole model on one GPU (each rank runs it alone), M micro-batches then a step
-  dsrun-1f1b           dsrun's PipelineEngine, 2 stages, 1F1B, m = 4, 8, 16
-  dsrun-interleaved    dsrun's PipelineEngine, 2 stages x 2 model chunks, interleaved 1F1B, m = 4, 8, 16
-  deepspeed-1f1b       DeepSpeed's PipelineEngine, 2 stages, m = 16 (needs `import deepspeed`)
+  dsrun-1f1b           dsrun's PipelineEngine, S stages (S = ranks: 2 or 4), 1F1B, m = 4, 8, 16
+  dsrun-interleaved    dsrun's PipelineEngine, S stages x 2 model chunks, interleaved 1F1B, m = 4, 8, 16
+  deepspeed-1f1b       DeepSpeed's PipelineEngine, S stages, m = 16 (needs `import deepspeed`)
 
     python -m dsrun.launcher.cli --num_gpus 2 benchmarks/bench_pipe.py --results benchmarks/RESULTS.md
     python -m dsrun.launcher.cli --num_gpus 2 benchmarks/bench_pipe.py --tiny     # CPU, gloo, tiny model
@@ -37,6 +37,7 @@ _ROPE = {}
 # stages; the embedding is nearly free. Both engines get the same method (DeepSpeed has 'type:' too).
 PARTITION = "type:BlockPipe|HeadPipe"
 PARTS = {}  # contender -> layer boundaries it used, reported with the table
+STAGES = [2]  # pipeline stages = ranks (set in main)
 
 
 class EmbedPipe(nn.Module):
@@ -165,15 +166,15 @@ def run_dsrun(s, m, chunks, steps, device):
     import dsrun
     from dsrun.pipe import LayerSpec, PipelineModule
     torch.manual_seed(0)
-    model = PipelineModule(layer_specs(LayerSpec, s), num_stages=2, loss_fn=lm_loss, partition_method=PARTITION,
-                           num_chunks=chunks)
+    model = PipelineModule(layer_specs(LayerSpec, s), num_stages=STAGES[0], loss_fn=lm_loss,
+                           partition_method=PARTITION, num_chunks=chunks)
     PARTS["dsrun-interleaved" if chunks > 1 else "dsrun-1f1b"] = list(model.parts)
     cfg = dict(pipe_config(s, m), hang_watchdog={"enabled": False})
     engine, *_ = dsrun.initialize(model=model, optimizer=lambda ps: make_optimizer(ps, device), config=cfg)
     data = batches(s, device)
     seconds, loss = timed(lambda: engine.train_batch(data), steps, device)
     engine.destroy()
-    return m * s.micro_batch * s.seq / seconds / 2, loss
+    return m * s.micro_batch * s.seq / seconds / STAGES[0], loss
 
 
 def run_deepspeed(s, m, steps, device):
@@ -181,13 +182,13 @@ def run_deepspeed(s, m, steps, device):
     from deepspeed.pipe import LayerSpec, PipelineModule
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(0)
-    model = PipelineModule(layer_specs(LayerSpec, s), num_stages=2, loss_fn=lm_loss, partition_method=PARTITION)
+    model = PipelineModule(layer_specs(LayerSpec, s), num_stages=STAGES[0], loss_fn=lm_loss, partition_method=PARTITION)
     PARTS["deepspeed-1f1b"] = list(model.parts)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       optimizer=lambda ps: make_optimizer(ps, device), config=pipe_config(s, m))
     data = batches(s, device)
     seconds, loss = timed(lambda: engine.train_batch(data), steps, device)
-    return m * s.micro_batch * s.seq / seconds / 2, loss
+    return m * s.micro_batch * s.seq / seconds / STAGES[0], loss
 
 
 def bound(m, stages=2, chunks=1):
@@ -207,8 +208,9 @@ def main():
     import dsrun
     import torch.distributed as dist
     dsrun.init_distributed()
-    if dist.get_world_size() != 2:
-        raise SystemExit("bench_pipe.py runs on exactly 2 ranks (--num_gpus 2)")
+    if dist.get_world_size() not in (2, 4):
+        raise SystemExit("bench_pipe.py runs on 2 or 4 ranks (--num_gpus 2|4): one pipeline stage per rank")
+    STAGES[0] = dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     shape = ModelShape.parse(args.shape) if args.shape else TINY if args.tiny else ModelShape(micro_batch=4)
     ms = [int(v) for v in args.micro_batches.split(",")]
@@ -251,7 +253,7 @@ def report(args, shape, rows, base, device, have_ds):
         if chunks is None:
             lines.append(f"| {name} | {m} | {rate:,.0f} | 1.00x | | | | {loss:.4f} |")
             continue
-        b = bound(m, 2, chunks)
+        b = bound(m, STAGES[0], chunks)
         vs_ds = f"{rate / ds_rate[m]:.2f}x" if m in ds_rate and not name.startswith("deepspeed") else ""
         lines.append(f"| {name} | {m} | {rate:,.0f} | {ratio:.3f} | {b:.3f} | {'yes' if ratio >= b else 'NO'} | "
                      f"{vs_ds} | {loss:.4f} |")
@@ -260,10 +262,10 @@ def report(args, shape, rows, base, device, have_ds):
     if have_ds:
         import deepspeed
         versions += f", deepspeed {deepspeed.__version__}"
-    cmd = "python -m dsrun.launcher.cli --num_gpus 2 benchmarks/bench_pipe.py " + " ".join(
+    cmd = f"python -m dsrun.launcher.cli --num_gpus {STAGES[0]} benchmarks/bench_pipe.py " + " ".join(
         a for a in sys.argv[1:] if not a.startswith("--local_rank"))
     text = "\n".join([
-        f"## Pipeline parallelism, 2 stages on B3 blocks ({datetime.date.today().isoformat()})", "",
+        f"## Pipeline parallelism, {STAGES[0]} stages on B3 blocks ({datetime.date.today().isoformat()})", "",
         f"- machine: 2 x {machine}; {versions}",
         f"- command: `{cmd.strip()}`",
         f"- model: d={shape.dim} L={shape.layers} H={shape.heads} ffn={shape.ffn} V={shape.vocab} seq={shape.seq} "
