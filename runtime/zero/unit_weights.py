@@ -16,12 +16,15 @@ on the 1.26B B3 model over 2 ranks); the cast is one elementwise pass over the s
 `owned(b)` is None for such a bucket (the updaters then write only the master) and a parameter's
 `ds_tensor` is its fp32 master slice. Frozen buckets (no master) keep their 16-bit shards.
 
-[Note: parameter offload] With `offload_param: {device: cpu}` (`host_shards`) every shard, and so every
-fp32 master that is a shard, lives in host memory (pinned per `pin_memory`); the optimizer is offloaded
-too (the engine requires it), so the host step writes them in place. A gather copies this rank's shard
-(casting a master) into its chunk of the device buffer, then all-gathers in place; the unit schedule's
-prefetch launches it early, so the copy runs ahead of the layer that needs it. The device holds only
-the units in use.
+[Note: parameter offload] With `offload_param: {device: cpu}` (`host_shards`) every shard lives in host
+memory (pinned per `pin_memory`); the optimizer is offloaded too, so the host step writes the new weights
+into them (the pipelined host step's output is the host shard itself). With 16-bit weights a trainable
+bucket keeps its 16-bit shard beside the fp32 master, against the note above: the shard is what crosses
+PCIe at every gather, and 2 bytes per element instead of the master's 4 halves that traffic (on the B3
+model, ~2.5 GB per forward and again per backward instead of ~5 GB), for 2 bytes per element of host
+memory. A gather copies this rank's shard into its chunk of the device buffer, then all-gathers in place;
+the unit schedule's prefetch launches it early, so the copy runs ahead of the layer that needs it. The
+device holds only the units in use.
 
 With `offload_param: {device: nvme}` (`swapped`, with the optimizer on NVMe too) a trainable bucket's
 shard is its fp32 master in the optimizer's swap file (nvme.py): `adopt_swapped_masters` takes those
@@ -222,7 +225,10 @@ class UnitWeights:
     def make_masters(self, master_dtype: torch.dtype, aliased: bool) -> List[torch.Tensor]:
         init, self._init_masters = self._init_masters, []
         self.masters = self.shards[:self.num_trainable] if aliased else [m.to(master_dtype) for m in init]
-        if (not aliased and master_dtype == torch.float32) or self.swapped:  # [Note: the master is the shard]
+        # [Note: the master is the shard]; with parameter offload to host memory a 16-bit shard stays: it is
+        # what goes up at each gather (2 bytes per element, not the master's 4), the host step writes it
+        master_is_shard = not aliased and master_dtype == torch.float32 and not self.host_shards
+        if master_is_shard or self.swapped:
             for b in range(self.num_trainable):
                 self.shards[b] = None
             self._point_ds_tensors()

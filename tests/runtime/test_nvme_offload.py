@@ -241,6 +241,10 @@ def _bf16_param_offload(rank, world, path):
         cfg = nvme_config(3, world, path, params=params, optimizer=optimizer)
         cfg["bf16"] = {"enabled": True}
         engine, *_ = dsrun.initialize(model=make_model(), config=cfg)
+        if params == "cpu":  # [Note: parameter offload]: a 16-bit host shard beside the fp32 master
+            shard = engine.zero.weights.owned(0)
+            assert shard.dtype == torch.bfloat16 and shard.device.type == "cpu"
+            assert engine.zero.masters[0].dtype == torch.float32
         for x, y in make_data(world):
             for k in range(GAS):
                 rows = slice((k * world + rank) * MICRO, (k * world + rank + 1) * MICRO)
@@ -252,7 +256,8 @@ def _bf16_param_offload(rank, world, path):
 
 
 def test_bf16_parameter_offload_tracks_bf16_without_offload(tmp_path):
-    """bf16 ZeRO-3 whose fp32 masters are the host shards (cast into the device buffer at each gather)."""
+    """bf16 ZeRO-3 with parameter offload: 16-bit host shards (CPU) or fp32 masters in files (NVMe), copied
+    into the device buffer at each gather, track bf16 without offload."""
     for *offloaded, plain in run_ranks(_bf16_param_offload, world_size=2, args=(str(tmp_path),), timeout=120):
         for state in offloaded:
             assert (state - plain).norm() / plain.norm() < 1e-2
