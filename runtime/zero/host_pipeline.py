@@ -123,14 +123,13 @@ class HostStepPipeline:
             down[i].synchronize()
             if i >= self.slots and up[i - self.slots] is not None:
                 up[i - self.slots].synchronize()  # the copy-out that read this weight slot is done
-            target = targets[b]
+            target, grad = targets[b], self._slot("grad", torch.float32, i)[:hi - lo]
             if target is None or target.device.type == "cpu":  # parameter offload: the weights stay here
-                step_chunk(b, lo, hi, self._slot("grad", torch.float32, i)[:hi - lo],
-                           None if target is None else target[lo:hi])
+                step_chunk(b, lo, hi, grad, None if target is None else target[lo:hi])
                 up.append(None)
             else:
                 out = self._slot("out", target.dtype, i)[:hi - lo]
-                step_chunk(b, lo, hi, self._slot("grad", torch.float32, i)[:hi - lo], out)
+                step_chunk(b, lo, hi, grad, out)
                 with torch.cuda.stream(self._copy_out):
                     target[lo:hi].copy_(out, non_blocking=True)
                     up.append(torch.cuda.Event())
