@@ -22,9 +22,10 @@ into them (the pipelined host step's output is the host shard itself). With 16-b
 bucket keeps its 16-bit shard beside the fp32 master, against the note above: the shard is what crosses
 PCIe at every gather, and 2 bytes per element instead of the master's 4 halves that traffic (on the B3
 model, ~2.5 GB per forward and again per backward instead of ~5 GB), for 2 bytes per element of host
-memory. A gather copies this rank's shard into its chunk of the device buffer, then all-gathers in place;
-the unit schedule's prefetch launches it early, so the copy runs ahead of the layer that needs it. The
-device holds only the units in use.
+memory. A gather copies this rank's shard into its chunk of the device buffer, then all-gathers in place,
+both on an upload stream of their own: the unit schedule's prefetch launches them while earlier layers are
+still queued on the compute stream, and the copy runs under those layers instead of between them (the
+compute stream waits for it only where the unit is used). The device holds only the units in use.
 
 With `offload_param: {device: nvme}` (`swapped`, with the optimizer on NVMe too) a trainable bucket's
 shard is its fp32 master in the optimizer's swap file (nvme.py): `adopt_swapped_masters` takes those
@@ -53,6 +54,18 @@ class ZeroParamStatus:
     INFLIGHT = "INFLIGHT"
 
 
+class _Uploaded:
+    """The work of a gather whose host shard went up on the upload stream: waiting makes the current
+    stream wait for the copy, then for the all-gather."""
+
+    def __init__(self, event, work):
+        self.event, self.work = event, work
+
+    def wait(self):
+        torch.cuda.current_stream().wait_event(self.event)
+        return self.work.wait()
+
+
 class UnitWeights:
     def __init__(self, module: torch.nn.Module, layout: FlatLayout, units: List[Unit], *, param_dtype: torch.dtype,
                  comm: Comm, device: torch.device, frozen, zero_config, frozen_layout: Optional[FlatLayout] = None,
@@ -61,6 +74,7 @@ class UnitWeights:
         # [Note: parameter offload]: shards in host memory; `swapped`: trainable ones in NVMe files
         self.host_shards, self.pin, self.swapped = host_shards or swapped, pin, swapped
         self._swap = None  # the optimizer's NvmeOptimizerState once `adopt_swapped_masters` ran
+        self._upload = None  # the CUDA stream host shards go up on
         # bucket indices: the trainable layout's, then the frozen layout's shifted by `num_trainable`
         self.num_trainable = len(layout.buckets)
         self.buckets = list(layout.buckets) + list(frozen_layout.buckets if frozen_layout else [])
@@ -144,8 +158,10 @@ class UnitWeights:
         if src is None or self.host_shards:
             bucket = self.buckets[b]
             chunk = full[bucket.own_start - bucket.start:bucket.own_end - bucket.start]
-            if src is not None:  # a host shard ([Note: parameter offload])
-                chunk.copy_(src, non_blocking=True)
+            if src is not None and full.is_cuda:  # a host shard ([Note: parameter offload])
+                return self._upload_and_gather(full, chunk, src)
+            if src is not None:
+                chunk.copy_(src)
             elif self._swap is not None:  # the master in its swap file (or resident)
                 self._swap.copy_master(self.masters[b], chunk)
             elif self.host_shards:  # a host master: one casting copy to the device
@@ -154,6 +170,21 @@ class UnitWeights:
                 torch._foreach_copy_([chunk], [self.masters[b]])
             src = chunk
         return self.comm.all_gather(full, src, async_op=True)
+
+    def _upload_and_gather(self, full: torch.Tensor, chunk: torch.Tensor, host: torch.Tensor) -> "_Uploaded":
+        """Copy a host shard into its chunk of `full` and all-gather, both on the upload stream, so the copy
+        runs under the compute queued before it ([Note: parameter offload]). The upload stream first waits
+        for the compute stream (`full` may reuse memory a released unit's kernels still read); the
+        compute stream waits for the upload where the unit is used or released (`_Uploaded.wait`)."""
+        if self._upload is None:
+            self._upload = torch.cuda.Stream(device=full.device)
+        self._upload.wait_stream(torch.cuda.current_stream(full.device))
+        with torch.cuda.stream(self._upload):
+            chunk.copy_(host, non_blocking=True)
+            work = self.comm.all_gather(full, chunk, async_op=True)
+            event = torch.cuda.Event()
+            event.record(self._upload)
+        return _Uploaded(event, work)
 
     def launch(self, u: int) -> None:
         """Start gathering unit `u` (asynchronously; `ensure` waits)."""

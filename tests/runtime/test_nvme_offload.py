@@ -350,7 +350,8 @@ def _cuda_offload(rank, world, path):
 def test_cuda_nvme_and_parameter_offload_track_no_offload(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    for plain, *offloaded in run_ranks(_cuda_offload, world_size=1, args=(str(tmp_path),), start_method="spawn",
+    world = min(torch.cuda.device_count(), 2)  # two ranks: the host shards' uploads feed real all-gathers
+    for plain, *offloaded in run_ranks(_cuda_offload, world_size=world, args=(str(tmp_path),), start_method="spawn",
                                        backend="nccl"):
         for state in offloaded:
             assert (state - plain).norm() / plain.norm() < 1e-2
