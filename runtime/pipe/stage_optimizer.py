@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from dsrun.kernels.accumulate import accumulate_, fp32_copy
 from .comm import PipeComm
 
 __all__ = ["StageOptimizer", "assign_owners"]
@@ -89,12 +90,13 @@ class StageOptimizer:
     # -- gradients -----------------------------------------------------------------------------------
 
     def _accumulate(self, p: torch.nn.Parameter) -> None:
-        """bf16: add the new gradient into the fp32 buffer and drop the bf16 one."""
+        """bf16: add the new gradient into the fp32 buffer and drop the bf16 one (one-pass kernels on a
+        GPU: kernels/accumulate.py)."""
         buf = self._grads.get(p)
         if buf is None:
-            self._grads[p] = p.grad.float()
+            self._grads[p] = fp32_copy(p.grad)
         else:
-            buf.add_(p.grad)
+            accumulate_(buf, p.grad)
         p.grad = None
 
     def grad_of(self, p: torch.nn.Parameter) -> Optional[torch.Tensor]:

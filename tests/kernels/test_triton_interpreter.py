@@ -49,6 +49,13 @@ SCRIPT = textwrap.dedent("""
             torch.testing.assert_close(fp, ps[-1], rtol=0, atol=0)
             if fo is not None:
                 assert torch.equal(fo, outs[-1])
+    from dsrun.kernels import triton_accumulate as A  # fp32 += 16-bit: exact, as PyTorch's add_
+    for gdt in (torch.bfloat16, torch.float16, torch.float32):
+        for n in sizes:
+            acc, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen).to(gdt)
+            want = acc.clone().add_(g)
+            A.accumulate(acc, g)
+            assert torch.equal(acc, want), (gdt, n)
     print("ok")
 """)
 
