@@ -106,6 +106,13 @@ class ParseContext:
     notes: Dict[str, str] = field(default_factory=dict)  # dotted path -> "value (source)"
 
 
+def non_negative(value, where: str):
+    """A `check` for counts and sizes: >= 0."""
+    if value < 0:
+        raise ConfigError(f"must be >= 0, got {value}", where=where)
+    return value
+
+
 class Section:
     """Mixin for config sections: dict-style read access and a canonical `to_dict()`."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Literal, Optional, Union
 
-from .schema import Section, opt
+from .schema import Section, non_negative, opt
 
 __all__ = ["CheckpointConfig", "ParallelWriteConfig", "CheckpointWriterConfig", "ActivationCheckpointingConfig",
            "PipelineConfig", "TensorBoardConfig", "CSVMonitorConfig", "WandbConfig", "CometConfig",
@@ -55,7 +55,7 @@ class ActivationCheckpointingConfig(Section):
 @dataclass(frozen=True)
 class PipelineConfig(Section):
     """`stages`, `partition` and `seed_layers` are accepted and, as in DeepSpeed, ignored: the module's
-    constructor arguments decide them."""
+    constructor arguments decide them. `extra_warmup` is dsrun's (0: DeepSpeed's schedule and memory)."""
 
     stages: Union[Literal["auto"], int] = opt("auto")
     partition: str = opt("best")
@@ -64,6 +64,9 @@ class PipelineConfig(Section):
     pipe_partitioned: bool = opt(True)
     grad_partitioned: bool = opt(True)
     use_reentrant: Optional[bool] = opt(None)
+    # dsrun: forwards each stage but the last runs before its first backward, beyond 1F1B's own
+    # ([Note: extra warm-up] in runtime/pipe/schedule.py); each holds one more micro-batch of activations
+    extra_warmup: int = opt(0, check=non_negative)
 
 
 @dataclass(frozen=True)

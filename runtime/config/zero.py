@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional
 from dsrun.errors import ConfigError
 
 from .schema import ParseContext, Section, join, opt, warn_deprecated, warn_ignored
+from .schema import non_negative as _non_negative
 
 __all__ = ["ZeroConfig", "OffloadOptimizerConfig", "OffloadParamConfig"]
 
@@ -33,12 +34,6 @@ _DEVICES = ("none", "cpu", "nvme")
 def _ratio(value: float, where: str) -> float:
     if not 0.0 <= value <= 1.0:
         raise ConfigError(f"ratio must be between 0 and 1, got {value}", where=where)
-    return value
-
-
-def _non_negative(value, where: str):
-    if value < 0:
-        raise ConfigError(f"must be >= 0, got {value}", where=where)
     return value
 
 

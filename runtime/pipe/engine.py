@@ -59,6 +59,12 @@ class PipelineEngine(ConfigQueries):
         self.dp_world_size = self.grid.get_data_parallel_world_size()
         self.micro_batches = config.gradient_accumulation_steps
         self.num_chunks = model.num_chunks
+        self.extra_warmup = config.pipeline.extra_warmup  # [Note: extra warm-up] (schedule.py)
+        if self.extra_warmup and self.num_chunks > 1:
+            raise ConfigError(f"pipeline.extra_warmup ({self.extra_warmup}) applies to 1F1B only; the interleaved "
+                              f"schedule (num_chunks={self.num_chunks}) already warms up over every chunk, and "
+                              "more made it slower on 2 H200 (RESULTS.md)", where="pipeline.extra_warmup",
+                              hint="set it to 0, or build the PipelineModule with num_chunks=1")
         if self.num_chunks > 1 and self.micro_batches % self.num_stages:
             raise ConfigError(f"the interleaved schedule (num_chunks={self.num_chunks}) needs gradient_accumulation_steps "
                               f"({self.micro_batches}) to be a multiple of the number of stages ({self.num_stages})",
@@ -206,9 +212,10 @@ class PipelineEngine(ConfigQueries):
             self.set_dataiterator(data_iter)
         self.module.train()
         self._kind, self._compute_loss = "train", True
-        if self.num_chunks > 1:
-            self._run(InterleavedTrainSchedule(self.micro_batches, self.num_stages, self.stage_id, self.num_chunks))
-        else:
+        if self.num_chunks > 1 or self.extra_warmup:  # ordered; with one chunk, plain 1F1B plus the extra warm-up
+            self._run(InterleavedTrainSchedule(self.micro_batches, self.num_stages, self.stage_id, self.num_chunks,
+                                               extra_warmup=self.extra_warmup))
+        else:  # DeepSpeed's lock-step 1F1B
             self._run(TrainSchedule(micro_batches=self.micro_batches, stages=self.num_stages, stage_id=self.stage_id))
         # mean over micro-batches and data-parallel ranks, from the last stage to every rank (as DeepSpeed)
         self.agg_train_loss = self._from_last_stage(
@@ -317,7 +324,14 @@ class PipelineEngine(ConfigQueries):
         timer.add(_TIMED[ins.op], time.perf_counter() - start)
 
     def _to_device(self, obj):
+        """A loaded batch on the stage's device. From host memory to a GPU the copy is issued without
+        waiting: a plain copy from pageable memory first waits for every kernel already queued, so the
+        host loses its lead over the GPU once per micro-batch and the GPU idles while the host launches
+        the next layers (about 1 ms per micro-batch on B3). Pageable inputs are staged through pinned
+        memory (torch's caching host allocator keeps the block until the copy has run)."""
         if torch.is_tensor(obj):
+            if obj.device.type == "cpu" and self.device.type == "cuda":
+                return (obj if obj.is_pinned() else obj.pin_memory()).to(self.device, non_blocking=True)
             return obj.to(self.device)
         if isinstance(obj, (tuple, list)):
             return tuple(self._to_device(o) for o in obj)

@@ -161,16 +161,40 @@ class InferenceSchedule(PipeSchedule):
 class InterleavedTrainSchedule(PipeSchedule):
     """Interleaved 1F1B (Megatron-LM): each stage holds `chunks` model chunks; forward k of a stage runs
     chunk (k // S) % v on micro-batch (k // (S*v)) * S + k % S, backwards the chunks in reverse. Warm-up
-    is min(M*v, 2*(S - stage - 1) + (v - 1)*S) forwards, then one forward and one backward alternate.
-    Needs M to be a multiple of S. Bubble: (S-1)/(v*M + S-1) of the step time, v times smaller than 1F1B's.
+    is 2*(S - stage - 1) + (v - 1)*S forwards (S - stage - 1 with one chunk: plain 1F1B, ordered), plus
+    `extra_warmup` on every stage but the last, at most M*v; then one forward and one backward alternate.
+    With v > 1, M must be a multiple of S. Bubble: (S-1)/(v*M + S-1) of the step time, v times smaller
+    than 1F1B's.
+
+    [Note: extra warm-up] The bubble formula assumes equal stages. When the stages differ (a partition
+    cannot split a model of whole layers evenly: on B3, the first stage's 12 blocks and embedding against
+    10 blocks and the LM head), the heavier first stage idles twice in 1F1B: after its warm-up forwards
+    it waits for the first gradient, which comes after the later stages' forward and backward of
+    micro-batch 0, and at the end it waits for the last one. Each extra warm-up forward fills one
+    micro-batch of that wait, for one more micro-batch of activations held on the stage; on 2 stages two
+    extra forwards take both waits off a first stage that is the slowest (its busy time becomes the
+    batch time; simulate() with per-stage costs shows it). With equal stages it changes nothing: the
+    stage only waits later instead. On 2 H200 (B3, m=16, RESULTS.md 2026-11-30) 1F1B went from 0.906 of
+    the unpipelined rate to 0.926 with one extra forward and 0.938 with two. The engine takes it for
+    1F1B only: the interleaved schedule already warms up over all its chunks, and there one extra
+    forward measured no faster (0.915 against 0.919) and two made it far slower (0.70): each extra
+    forward's activations are sent long before the next stage receives them.
     """
 
-    def __init__(self, micro_batches: int, stages: int, stage_id: int, chunks: int = 2):
+    def __init__(self, micro_batches: int, stages: int, stage_id: int, chunks: int = 2, extra_warmup: int = 0):
         super().__init__(micro_batches, stages, stage_id)
-        if chunks < 1 or micro_batches % stages:
+        if chunks < 1 or (chunks > 1 and micro_batches % stages):
             raise ValueError(f"interleaved 1F1B needs chunks >= 1 and micro_batches ({micro_batches}) "
                              f"a multiple of stages ({stages})")
-        self.chunks = chunks
+        if extra_warmup < 0:
+            raise ValueError(f"extra_warmup must be >= 0, got {extra_warmup}")
+        self.chunks, self.extra_warmup = chunks, extra_warmup
+
+    def warmup(self) -> int:
+        """Forwards before the first backward ([Note: extra warm-up])."""
+        later = self.stages - self.stage_id - 1
+        base = later if self.chunks == 1 else 2 * later + (self.chunks - 1) * self.stages
+        return min(self.micro_batches * self.chunks, base + (self.extra_warmup if later else 0))
 
     def num_pipe_buffers(self) -> int:
         return self.micro_batches
@@ -196,8 +220,7 @@ class InterleavedTrainSchedule(PipeSchedule):
             ([] if first else [Instruction("sG", mb, buf, c)])
 
     def compute_order(self) -> List[Instruction]:
-        total = self.micro_batches * self.chunks
-        warmup = min(total, 2 * (self.stages - self.stage_id - 1) + (self.chunks - 1) * self.stages)
+        total, warmup = self.micro_batches * self.chunks, self.warmup()
         order = [self._unit(k, True) for k in range(warmup)]
         for k in range(total - warmup):
             order += [self._unit(warmup + k, True), self._unit(k, False)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Union
 
 from .schedule import PipeSchedule
 
@@ -36,15 +36,19 @@ def _virtual(schedule: PipeSchedule, chunk: int) -> int:
     return chunk * schedule.stages + schedule.stage_id
 
 
-def simulate(schedules: Sequence[PipeSchedule], forward_time: float = 1.0, backward_time: float = 1.0) -> Simulation:
+def simulate(schedules: Sequence[PipeSchedule], forward_time: Union[float, Sequence[float]] = 1.0,
+             backward_time: Union[float, Sequence[float]] = 1.0) -> Simulation:
     """Schedules of stages 0..S-1 (one batch). A model chunk's compute costs forward_time/chunks
-    (backward_time/chunks), so interleaving splits the same work into smaller pieces.
+    (backward_time/chunks), so interleaving splits the same work into smaller pieces. Either time may be
+    one value per stage (unequal stages).
 
     Raises:
         ScheduleDeadlock: some stage can never proceed.
         AssertionError: a receive would get a different micro-batch than the one sent first on its
             channel, or a send is never received.
     """
+    per_stage = {op: list(t) if isinstance(t, (list, tuple)) else [t] * len(schedules)
+                 for op, t in (("F", forward_time), ("B", backward_time))}
     programs = [deque(s.instructions()) for s in schedules]
     chunks = getattr(schedules[0], "chunks", 1)
     clock = [0.0] * len(schedules)
@@ -67,7 +71,7 @@ def simulate(schedules: Sequence[PipeSchedule], forward_time: float = 1.0, backw
                     assert mb == ins.micro_batch, f"stage {stage} {ins} received micro-batch {mb}"
                     clock[stage] = max(clock[stage], sent_at)
                 elif ins.op in ("F", "B"):
-                    cost = (forward_time if ins.op == "F" else backward_time) / chunks
+                    cost = per_stage[ins.op][stage] / chunks
                     clock[stage] += cost
                     busy[stage] += cost
                 program.popleft()

@@ -128,10 +128,12 @@ def reference_run(specs, data, clip=CLIP, eval_after=None):
     return losses, {n: p.detach().clone() for n, p in named.items()}, evals
 
 
-def pipe_config(dp, micro_batches, zero_stage=0, clip=CLIP, bf16=False, fp16=False):
+def pipe_config(dp, micro_batches, zero_stage=0, clip=CLIP, bf16=False, fp16=False, extra_warmup=0):
     cfg = {"train_batch_size": MICRO * micro_batches * dp, "train_micro_batch_size_per_gpu": MICRO,
            "gradient_clipping": clip, "zero_optimization": {"stage": zero_stage}, "steps_per_print": 0,
            "hang_watchdog": {"enabled": False}}
+    if extra_warmup:
+        cfg["pipeline"] = {"extra_warmup": extra_warmup}
     if bf16:
         cfg["bf16"] = {"enabled": True}
     if fp16:

@@ -386,6 +386,8 @@ def test_other_sections_defaults():
     assert c.activation_checkpointing.partition_activations and c.tensorboard.job_name == "DeepSpeedJobName"
     assert c.monitors_enabled and c.steps_per_print == 10 and cfg().steps_per_print == 0
     assert c.wandb.project == "deepspeed" and c.comet.samples_log_interval == 100
+    assert c.pipeline.extra_warmup == 0 and cfg(pipeline={"extra_warmup": 2}).pipeline.extra_warmup == 2
+    assert error({M: 1, "pipeline": {"extra_warmup": -1}}).where == "pipeline.extra_warmup"
 
 
 # ---- fingerprint -------------------------------------------------------------------------------------

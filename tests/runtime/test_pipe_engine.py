@@ -95,6 +95,8 @@ def _world4(rank, world, ckpt_dir):
                   sum(p.numel() for p in engine.module.parameters()))
     engine = pc.make_engine(pc.mlp_specs(), 2, 2, 2, num_chunks=2)  # interleaved with data parallelism
     out["2x2-interleaved"] = (pc.train_steps(engine, data), pc.stage_weights(engine))
+    engine = pc.make_engine(pc.mlp_specs(), 4, 1, 4, extra_warmup=2)  # ordered 1F1B, two more warm-up forwards
+    out["four-xw"] = (pc.train_steps(engine, pc.batches(STEPS, 1, 4)), pc.stage_weights(engine))
     return out
 
 
@@ -113,7 +115,8 @@ def _world2(rank, world, ckpt_dir):
                          None if mean_out is None else tuple(mean_out.shape))
     with pytest.raises(PipelineError, match="Only train_batch"):
         engine(data[0][0][0][0])
-    for bad, where in (({"zero_stage": 2}, "zero_optimization.stage"), ({"bf16": False, "fp16": True}, "fp16")):
+    for bad, where in (({"zero_stage": 2}, "zero_optimization.stage"), ({"bf16": False, "fp16": True}, "fp16"),
+                       ({"extra_warmup": 1, "num_chunks": 2}, "pipeline.extra_warmup")):
         with pytest.raises(ConfigError, match=where):
             pc.make_engine(pc.mlp_specs(), 2, 1, 4, **bad)
     tied_data = pc.batches(STEPS, 1, 2)
@@ -180,6 +183,12 @@ def test_four_stages_match_sequential(world4):
     assert world4[0]["four"][2] > pc.CLIP  # clipping was active
     held = [set(r["four"][1]) for r in world4]  # each rank built only its own stage's layers
     assert sum(len(h) for h in held) == len(set().union(*held)) == len(ref_weights)
+
+
+def test_four_stages_with_extra_warmup_match_sequential(world4):
+    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4))
+    _assert_losses(world4, "four-xw", ref_losses)
+    _assert_close(_merged(world4, "four-xw"), ref_weights)
 
 
 def test_two_by_two_zero1_matches_sequential(world4):

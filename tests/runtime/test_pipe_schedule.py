@@ -117,6 +117,42 @@ def test_invariants_and_bubble(kind, stages, micro_batches, chunks):
     assert result.bubble == pytest.approx((stages - 1) / (chunks * micro_batches + stages - 1))
 
 
+def test_extra_warmup_order_and_memory():
+    """[Note: extra warm-up]: one chunk is plain 1F1B, ordered; each extra forward holds one more micro-batch."""
+    assert InterleavedTrainSchedule(4, 2, 0, 1).compact() == TrainSchedule(4, 2, 0).compact()
+    assert InterleavedTrainSchedule(4, 2, 0, 1, extra_warmup=1).compact() == "F0 F1 F2 B0 F3 B1 B2 B3 RT RG OPT"
+    assert InterleavedTrainSchedule(4, 2, 1, 1, extra_warmup=1).compact() == TrainSchedule(4, 2, 1).compact()
+    for stages, micro_batches, extra in [(2, 16, 1), (2, 16, 2), (4, 8, 1), (4, 8, 3), (3, 5, 9)]:
+        for stage in range(stages):
+            ops = InterleavedTrainSchedule(micro_batches, stages, stage, 1, extra_warmup=extra).instructions()
+            in_flight, most = 0, 0
+            for i in ops:
+                in_flight += {"F": 1, "B": -1}.get(i.op, 0)
+                most = max(most, in_flight)
+            later = stages - stage - 1
+            assert most == min(later + 1 + (extra if later else 0), micro_batches)
+    with pytest.raises(ValueError, match="extra_warmup"):
+        InterleavedTrainSchedule(4, 2, 0, 1, extra_warmup=-1)
+
+
+def test_extra_warmup_fills_the_waits_of_a_heavier_first_stage():
+    """B3 on 2 stages (RESULTS.md, ms per micro-batch): stage 0 = embedding + 12 blocks, stage 1 = 10 blocks +
+    the LM head. 1F1B makes the heavier stage 0 wait at the start and at the end; two extra warm-up forwards
+    make its busy time the batch time. Equal stages: the extra forwards change nothing."""
+    f, b, m = [25.5, 23.2], [51.0, 46.5], 16
+    plain = simulate([TrainSchedule(m, 2, s) for s in range(2)], f, b)
+    ordered = simulate([InterleavedTrainSchedule(m, 2, s, 1) for s in range(2)], f, b)
+    assert ordered.makespan == pytest.approx(plain.makespan)
+    spans = [simulate([InterleavedTrainSchedule(m, 2, s, 1, extra_warmup=e) for s in range(2)], f, b).makespan
+             for e in (1, 2, 3)]
+    assert plain.makespan > spans[0] > spans[1] == pytest.approx(m * (f[0] + b[0])) == spans[2]
+    for stages, micro_batches in [(2, 8), (4, 8), (4, 16)]:
+        even = [simulate([InterleavedTrainSchedule(micro_batches, stages, s, 1, extra_warmup=e) for s in
+                          range(stages)], 1.0, 2.0) for e in (0, 2)]
+        assert even[0].makespan == pytest.approx(even[1].makespan)
+        assert even[1].bubble == pytest.approx((stages - 1) / (micro_batches + stages - 1))
+
+
 def test_lock_step_pairs_sends_with_receives_in_the_same_step():
     for stages, micro_batches in [(2, 4), (4, 4), (3, 7)]:
         for kind in ("train", "inference"):
