@@ -3,12 +3,15 @@
 Contenders (bf16 module, AdamW(fused) on fp32 masters, gradient clipping 1.0, the same layer objects):
   unpipelined          the whole model on one GPU (each rank runs it alone), M micro-batches then a step
   dsrun-1f1b           dsrun's PipelineEngine, S stages (S = ranks: 2 or 4), 1F1B, m = 4, 8, 16
+  dsrun-1f1b-xw1/xw2   the same with `pipeline.extra_warmup` 1 or 2 ([Note: extra warm-up] in schedule.py)
   dsrun-interleaved    dsrun's PipelineEngine, S stages x 2 model chunks, interleaved 1F1B, m = 4, 8, 16
   deepspeed-1f1b       DeepSpeed's PipelineEngine, S stages, m = 16 (needs `import deepspeed`)
 
     python -m dsrun.launcher.cli --num_gpus 2 benchmarks/bench_pipe.py --results benchmarks/RESULTS.md
     python -m dsrun.launcher.cli --num_gpus 2 benchmarks/bench_pipe.py --tiny     # CPU, gloo, tiny model
+    ... --only dsrun-1f1b --micro_batches 16 --profile /tmp/traces                 # one contender, traced
 
+Micro-batches come from host memory as a DataLoader's do; each contender moves them to its device.
 Per-GPU tok/s = tokens of a batch / batch time / GPUs used (median of --steps batches after 2 warm-up
 batches). The bound is 0.95 x (1 - bubble) of the unpipelined per-GPU rate, bubble = (S-1)/(M+S-1) for 1F1B
 and (S-1)/(vM+S-1) interleaved. Rank 0 prints the table and appends it to --results. Without --tiny a
@@ -37,6 +40,8 @@ _ROPE = {}
 # stages; the embedding is nearly free. Both engines get the same method (DeepSpeed has 'type:' too).
 PARTITION = "type:BlockPipe|HeadPipe"
 PARTS = {}  # contender -> layer boundaries it used, reported with the table
+# dsrun's contenders: (name, model chunks, pipeline.extra_warmup); [Note: extra warm-up] in schedule.py
+DSRUN = (("dsrun-1f1b", 1, 0), ("dsrun-1f1b-xw1", 1, 1), ("dsrun-1f1b-xw2", 1, 2), ("dsrun-interleaved", 2, 0))
 STAGES = [2]  # pipeline stages = ranks (set in main)
 
 
@@ -82,12 +87,18 @@ def make_optimizer(params, device):
     return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
 
 
-def batches(s: ModelShape, device, seed=0):
-    """An endless iterator of (tokens, targets) micro-batches (the same stream on every rank)."""
+def batches(s: ModelShape, seed=0):
+    """An endless iterator of (tokens, targets) micro-batches in host memory, as a DataLoader yields them
+    (the same stream on every rank); each engine moves them to its device."""
     g = torch.Generator().manual_seed(seed)
     while True:
         tokens = torch.randint(0, s.vocab, (s.micro_batch, s.seq + 1), generator=g)
-        yield tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+        yield tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+
+def to_device(t, device):
+    """The unpipelined loop's copy: pinned and non-blocking (a pageable copy waits for queued kernels)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def sync(device):
@@ -102,10 +113,16 @@ def release(device):
         torch.cuda.empty_cache()
 
 
+PROFILE = {"dir": None, "name": None}  # --profile: every rank traces one batch after the timed ones; the run's name
+PEAK = {}  # run name -> peak GiB allocated on the busiest rank
+
+
 def timed(run_batch, steps, device):
     """Median seconds of `run_batch()` over `steps` batches after 2 warm-up batches; and the last loss."""
     import torch.distributed as dist
     times, loss = [], None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for i in range(steps + 2):
         sync(device)
         dist.barrier()
@@ -114,6 +131,19 @@ def timed(run_batch, steps, device):
         sync(device)
         if i >= 2:
             times.append(time.perf_counter() - start)
+    if PROFILE["dir"]:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sync(device)
+        dist.barrier()
+        with profile(activities=acts) as prof:
+            run_batch()
+            sync(device)
+        os.makedirs(PROFILE["dir"], exist_ok=True)
+        prof.export_chrome_trace(os.path.join(PROFILE["dir"], f"trace_{PROFILE['name']}_rank{dist.get_rank()}.json"))
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated()) if device.type == "cuda" else 0.0, device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    PEAK[PROFILE["name"]] = peak.item() / 2 ** 30
     return statistics.median(times), float(loss)
 
 
@@ -122,12 +152,12 @@ def run_unpipelined(s, m, steps, device):
     layers = nn.Sequential(*(spec.build() for spec in layer_specs(_Spec, s))).to(device, torch.bfloat16)
     masters = [p.detach().float().clone().requires_grad_(False) for p in layers.parameters()]
     opt = make_optimizer(masters, device)
-    data = batches(s, device)
+    data = batches(s)
 
     def batch():
         total = 0.0
         for _ in range(m):
-            tokens, targets = next(data)
+            tokens, targets = (to_device(t, device) for t in next(data))
             loss = lm_loss(layers(tokens), targets) / m
             loss.backward()
             total += loss.detach()
@@ -162,16 +192,16 @@ def pipe_config(s, m):
             "bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}
 
 
-def run_dsrun(s, m, chunks, steps, device):
+def run_dsrun(s, m, chunks, steps, device, extra_warmup=0):
     import dsrun
     from dsrun.pipe import LayerSpec, PipelineModule
     torch.manual_seed(0)
     model = PipelineModule(layer_specs(LayerSpec, s), num_stages=STAGES[0], loss_fn=lm_loss,
                            partition_method=PARTITION, num_chunks=chunks)
     PARTS["dsrun-interleaved" if chunks > 1 else "dsrun-1f1b"] = list(model.parts)
-    cfg = dict(pipe_config(s, m), hang_watchdog={"enabled": False})
+    cfg = dict(pipe_config(s, m), hang_watchdog={"enabled": False}, pipeline={"extra_warmup": extra_warmup})
     engine, *_ = dsrun.initialize(model=model, optimizer=lambda ps: make_optimizer(ps, device), config=cfg)
-    data = batches(s, device)
+    data = batches(s)
     seconds, loss = timed(lambda: engine.train_batch(data), steps, device)
     engine.destroy()
     return m * s.micro_batch * s.seq / seconds / STAGES[0], loss
@@ -186,7 +216,7 @@ def run_deepspeed(s, m, steps, device):
     PARTS["deepspeed-1f1b"] = list(model.parts)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       optimizer=lambda ps: make_optimizer(ps, device), config=pipe_config(s, m))
-    data = batches(s, device)
+    data = batches(s)
     seconds, loss = timed(lambda: engine.train_batch(data), steps, device)
     return m * s.micro_batch * s.seq / seconds / STAGES[0], loss
 
@@ -204,7 +234,15 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--shape", default=None, help="d,L,H,ffn,V,seq,mb (default: B3 with micro-batch 4)")
     p.add_argument("--results", default=None)
+    p.add_argument("--only", default="", help="comma-separated contenders to run (default: all)")
+    p.add_argument("--profile", default=None, help="directory: each rank writes a chrome trace of one batch per "
+                   "contender (read it with trace_gaps.py)")
     args = p.parse_args()
+    PROFILE["dir"] = args.profile
+    only = set(filter(None, args.only.split(",")))
+
+    def wanted(name):
+        return not only or name in only
     import dsrun
     import torch.distributed as dist
     dsrun.init_distributed()
@@ -224,19 +262,25 @@ def main():
 
     rows, base = [], {}
     for m in ms:
+        PROFILE["name"] = f"unpipelined_m{m}"
         rate, loss = run_unpipelined(shape, m, args.steps, device)
         release(device)
         base[m] = rate
         rows.append(("unpipelined", m, rate, loss, None))
-        for name, chunks in (("dsrun-1f1b", 1), ("dsrun-interleaved", 2)):
-            rate, loss = run_dsrun(shape, m, chunks, args.steps, device)
+        for name, chunks, extra in DSRUN:
+            if not wanted(name):
+                continue
+            PROFILE["name"] = f"{name}_m{m}"
+            rate, loss = run_dsrun(shape, m, chunks, args.steps, device, extra)
             release(device)
             rows.append((name, m, rate, loss, chunks))
-    if have_ds:
+    if have_ds and wanted("deepspeed-1f1b"):
         m = args.deepspeed_m
         if m not in base:
+            PROFILE["name"] = f"unpipelined_m{m}"
             base[m] = run_unpipelined(shape, m, args.steps, device)[0]
             release(device)
+        PROFILE["name"] = f"deepspeed-1f1b_m{m}"
         rate, loss = run_deepspeed(shape, m, args.steps, device)
         rows.append(("deepspeed-1f1b", m, rate, loss, 1))
     if dist.get_rank() == 0:
@@ -246,17 +290,17 @@ def main():
 
 def report(args, shape, rows, base, device, have_ds):
     ds_rate = {m: r for name, m, r, _, _ in rows if name == "deepspeed-1f1b"}
-    lines = ["| contender | m | tok/s per GPU | vs unpipelined | bound 0.95(1-bubble) | meets bound | vs DeepSpeed | loss |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| contender | m | tok/s per GPU | vs unpipelined | bound 0.95(1-bubble) | meets bound | vs DeepSpeed | "
+             "peak GiB | loss |", "|---|---|---|---|---|---|---|---|---|"]
     for name, m, rate, loss, chunks in rows:
-        ratio = rate / base[m]
+        ratio, peak = rate / base[m], PEAK.get(f"{name}_m{m}", 0.0)
         if chunks is None:
-            lines.append(f"| {name} | {m} | {rate:,.0f} | 1.00x | | | | {loss:.4f} |")
+            lines.append(f"| {name} | {m} | {rate:,.0f} | 1.00x | | | | {peak:.1f} | {loss:.4f} |")
             continue
         b = bound(m, STAGES[0], chunks)
         vs_ds = f"{rate / ds_rate[m]:.2f}x" if m in ds_rate and not name.startswith("deepspeed") else ""
         lines.append(f"| {name} | {m} | {rate:,.0f} | {ratio:.3f} | {b:.3f} | {'yes' if ratio >= b else 'NO'} | "
-                     f"{vs_ds} | {loss:.4f} |")
+                     f"{vs_ds} | {peak:.1f} | {loss:.4f} |")
     machine = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (gloo)"
     versions = f"torch {torch.__version__}"
     if have_ds:
