@@ -149,6 +149,12 @@ def swapper(folder, nbytes, tensor_bytes, block, queue_depth, threads, direct):
     return w, r, step, used_direct
 
 
+def _medians(runs):
+    """Per position, the median over a list of result tuples; a bool position (a flag) from the first."""
+    import statistics
+    return tuple(v[0] if isinstance(v[0], bool) else statistics.median(v) for v in zip(*runs))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--path", default=tempfile.gettempdir(), help="a directory on the drive to measure")
@@ -160,17 +166,22 @@ def main():
     ap.add_argument("--queue-depth", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--swap-buffered", action="store_true", help="the swapper without O_DIRECT even where supported")
+    ap.add_argument("--rounds", type=int, default=1, help="measure the 1-stream drive and the swapper this many "
+                    "times, alternating, and report medians (a virtual disk's speed drifts between minutes)")
     ap.add_argument("--results", help="append the table to this markdown file")
     a = ap.parse_args()
     nbytes = int(a.size_gib * GIB)
     block = a.block_mib << 20
     with tempfile.TemporaryDirectory(dir=a.path, prefix="bench_nvme.") as folder:
         direct = _direct_ok(folder)
-        d1 = disk(folder, nbytes, block, 1, direct)
+        d1s, ss = [], []
+        for _ in range(max(1, a.rounds)):
+            d1s.append(disk(folder, nbytes, block, 1, direct))
+            ss.append(swapper(folder, nbytes, a.tensor_mib << 20, a.aio_block_mib << 20, a.queue_depth, a.threads,
+                              False if a.swap_buffered else None))
         dn = disk(folder, nbytes, block, a.jobs, direct)
         db = disk(folder, nbytes, block, a.jobs, False) if direct else None
-        s = swapper(folder, nbytes, a.tensor_mib << 20, a.aio_block_mib << 20, a.queue_depth, a.threads,
-                    False if a.swap_buffered else None)
+    d1, s = _medians(d1s), _medians(ss)
     drives = [d for d in (d1, dn, db) if d]
     best_w, best_r = max(d[0] for d in drives), max(d[1] for d in drives)
     buffered = "buffered + fsync + fadvise(DONTNEED)"
@@ -187,7 +198,8 @@ def main():
     lines = [f"## NVMe offload I/O ({datetime.date.today()})", "",
              f"- machine: {platform.node()}; {platform.processor() or platform.machine()}; torch {torch.__version__}",
              f"- command: `python {' '.join(sys.argv)}`",
-             f"- {a.size_gib} GiB under {a.path}; ratios against the best drive row", "",
+             f"- {a.size_gib} GiB under {a.path}; ratios against the best drive row; 1-stream drive and swapper: "
+             f"median of {max(1, a.rounds)} alternating rounds", "",
              "| what | write GB/s | read GB/s | ratio |", "|---|---|---|---|"]
     lines += [f"| {n} | {w:.2f} | {r:.2f} | {x} |" for n, w, r, x in rows]
     text = "\n".join(lines) + "\n"
