@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .comm import PipeComm
 
-__all__ = ["StageP2P", "TensorMeta", "channel_groups"]
+__all__ = ["StageP2P", "TensorMeta", "channel_groups", "channels"]
 
 Message = Union[torch.Tensor, Tuple[torch.Tensor, ...]]
 
@@ -74,13 +74,18 @@ class StageP2P:
     receiver has posted its receive, and both directions share the default group's stream, so each stage
     idled on its neighbour once per micro-batch (2 x H200, B3 blocks, m=16: 0.889 of the unpipelined
     rate with blocking sends; RESULTS.md 2026-11-30). The interleaved schedule is ordered, not lock-stepped: it is deadlock-free only if a
-    send never waits for its receive (simulate.py's model, where each sending virtual stage has its own
-    channel). Between the same two ranks it carries activations and gradients of several chunks, in
-    both directions (with 2 stages, virtual stage 1 sends back to stage 0), whose sends and receives
-    interleave differently on the two sides. So each channel (kind, sending virtual stage) gets its own
-    two-rank process group (`channel_groups`), in which messages match in order, and sends are `isend`s
-    completed by `wait_sends()` at the end of the batch. On NCCL a group's pair shares one stream: two
-    directions in one group could each wait for a receive queued behind the other's send.
+    send never waits for its receive (simulate.py's model). Between the same two ranks it carries
+    activations and gradients of several chunks, in both directions (with 2 stages, virtual stage 1 sends
+    back to stage 0), and a stage's forwards and backwards interleave differently on the two sides. So
+    each channel (kind, sending stage) gets its own two-rank process group (`channel_groups`), in which
+    messages match in order, and sends are `isend`s completed by `wait_sends()` at the end of the batch.
+    On NCCL a group's pair shares one stream: two directions in one group could each wait for a receive
+    queued behind the other's send. The chunks of one stage share its channels: every stage runs its
+    forwards (and its backwards) in one (chunk, micro-batch) order, so the activations stage s sends, over
+    all its chunks, arrive in the order stage s+1 needs them (the last stage's go around to stage 0's
+    next chunk), and the same for gradients; simulate() checks that match for every schedule in the
+    tests. That is 2 x S channels per pipeline whatever the number of chunks (it was one per virtual
+    stage: 2 x (S x v - 1), each an NCCL communicator with its own buffers and stream).
     """
 
     def __init__(self, *, prev_rank, next_rank, device: torch.device, dynamic_shape: bool = False,
@@ -102,7 +107,7 @@ class StageP2P:
         until the peer arrives: a first use in the middle of the schedule would be a blocking send."""
         for (kind, sender), group in sorted(self.groups.items()):
             flag = torch.zeros(1, device=self.device)
-            if sender % self.num_stages == self.stage_id:
+            if sender == self.stage_id:
                 dist.send(flag, self.next_rank if kind == "act" else self.prev_rank, group=group)
             else:
                 dist.recv(flag, self.prev_rank if kind == "act" else self.next_rank, group=group)
@@ -112,8 +117,9 @@ class StageP2P:
         self._sent.clear()
         self._received.clear()
 
-    def _virtual(self, chunk: int) -> int:
-        return chunk * self.num_stages + self.stage_id
+    def _channel(self, kind: str, sender: int) -> Tuple[str, int]:
+        """The channel of messages of `kind` sent by stage `sender` (around the ring with chunks)."""
+        return kind, sender % self.num_stages
 
     def _send(self, t: torch.Tensor, dst: int, channel: Tuple[str, int]) -> None:
         self.comm.send(t, dst=dst, group=self.groups[channel] if self.ordered else None, ordered=self.ordered)
@@ -126,7 +132,7 @@ class StageP2P:
         self.comm.wait_sends()
 
     def send_activations(self, msg: Message, kind: str, chunk: int = 0) -> None:
-        channel = ("act", self._virtual(chunk))
+        channel = self._channel("act", self.stage_id)
         if (kind, chunk) not in self._sent or self.dynamic_shape:
             meta = TensorMeta.of(msg)
             self._send(torch.tensor(meta.encode(), dtype=torch.int64, device=self.device), self.next_rank, channel)
@@ -135,7 +141,7 @@ class StageP2P:
             self._send(t.detach().contiguous(), self.next_rank, channel)
 
     def recv_activations(self, kind: str, chunk: int = 0) -> Message:
-        channel = ("act", self._virtual(chunk) - 1)
+        channel = self._channel("act", self.stage_id - 1)
         if (kind, chunk) not in self._received or self.dynamic_shape:
             words = torch.zeros(_MAX_META, dtype=torch.int64, device=self.device)
             self._recv(words, self.prev_rank, channel)
@@ -155,11 +161,11 @@ class StageP2P:
         for t, (_, _, requires_grad) in zip(tensors, meta.specs):
             if requires_grad:
                 grad = t.grad if t.grad is not None else torch.zeros_like(t)
-                self._send(grad.contiguous(), self.prev_rank, ("grad", self._virtual(chunk)))
+                self._send(grad.contiguous(), self.prev_rank, self._channel("grad", self.stage_id))
 
     def recv_grads(self, chunk: int = 0) -> List:
         """Gradients for this chunk's sent outputs, in order; None where the output carries none."""
-        channel = ("grad", self._virtual(chunk) + 1)
+        channel = self._channel("grad", self.stage_id + 1)
         meta = self._sent[("train", chunk)]
         grads = []
         for shape, dtype, requires_grad in meta.specs:
@@ -172,22 +178,30 @@ class StageP2P:
         return grads
 
 
+def channels(stages: int, num_chunks: int) -> List[Tuple[str, int, int]]:
+    """(kind, sending stage, receiving stage) of every channel ([Note: p2p channels]): activations to the
+    next stage, gradients to the previous one; with model chunks also around the ring (S-1 -> 0, 0 -> S-1)."""
+    out = []
+    for kind, step in (("act", 1), ("grad", -1)):
+        for sender in range(stages):
+            receiver = sender + step
+            if 0 <= receiver < stages or (num_chunks > 1 and stages > 1):
+                out.append((kind, sender, receiver % stages))
+    return out
+
+
 def channel_groups(grid, num_chunks: int) -> Dict[Tuple[str, int], object]:
-    """This rank's two-rank groups of the interleaved schedule, keyed by (kind, sending virtual stage)
-    ([Note: p2p channels]). Collective: every rank creates every group of every data-parallel replica, in
-    one order ([Note: deterministic group creation] in topology.py)."""
+    """This rank's two-rank groups of the pipeline's channels, keyed by (kind, sending stage) ([Note: p2p
+    channels]). Collective: every rank creates every group of every data-parallel replica, in one order
+    ([Note: deterministic group creation] in topology.py)."""
     stages = grid.get_pipe_parallel_world_size()
     topo = grid.topology
     data = [{"data": d} for d in range(topo.get_dim("data"))] if "data" in topo.get_axis_names() else [{}]
     mine = {}
-    for kind, step in (("act", 1), ("grad", -1)):
-        for sender in range(stages * num_chunks):
-            receiver = sender + step
-            if not 0 <= receiver < stages * num_chunks:
-                continue
-            for coord in data:
-                ranks = [topo.get_rank(pipe=sender % stages, **coord), topo.get_rank(pipe=receiver % stages, **coord)]
-                group = dist.new_group(ranks=sorted(ranks))
-                if grid.global_rank in ranks:
-                    mine[(kind, sender)] = group
+    for kind, sender, receiver in channels(stages, num_chunks):
+        for coord in data:
+            ranks = [topo.get_rank(pipe=sender, **coord), topo.get_rank(pipe=receiver, **coord)]
+            group = dist.new_group(ranks=sorted(ranks))
+            if grid.global_rank in ranks:
+                mine[(kind, sender)] = group
     return mine

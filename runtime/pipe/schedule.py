@@ -161,8 +161,8 @@ class InferenceSchedule(PipeSchedule):
 class InterleavedTrainSchedule(PipeSchedule):
     """Interleaved 1F1B (Megatron-LM): each stage holds `chunks` model chunks; forward k of a stage runs
     chunk (k // S) % v on micro-batch (k // (S*v)) * S + k % S, backwards the chunks in reverse. Warm-up
-    is 2*(S - stage - 1) + (v - 1)*S forwards (S - stage - 1 with one chunk: plain 1F1B, ordered), plus
-    `extra_warmup` on every stage but the last, at most M*v; then one forward and one backward alternate.
+    is 2*(S - stage - 1) + (v - 1)*S forwards (S - stage - 1 with one chunk: plain 1F1B, ordered, plus
+    `extra_warmup` on every stage but the last), at most M*v; then one forward and one backward alternate.
     With v > 1, M must be a multiple of S. Bubble: (S-1)/(v*M + S-1) of the step time, v times smaller
     than 1F1B's.
 
@@ -186,8 +186,10 @@ class InterleavedTrainSchedule(PipeSchedule):
         if chunks < 1 or (chunks > 1 and micro_batches % stages):
             raise ValueError(f"interleaved 1F1B needs chunks >= 1 and micro_batches ({micro_batches}) "
                              f"a multiple of stages ({stages})")
-        if extra_warmup < 0:
-            raise ValueError(f"extra_warmup must be >= 0, got {extra_warmup}")
+        if extra_warmup < 0 or (extra_warmup and chunks > 1):
+            raise ValueError(f"extra_warmup must be >= 0, and 0 with chunks > 1 (the interleaved warm-up already "
+                             f"spans every chunk; more can deadlock: simulate() finds it); got {extra_warmup} "
+                             f"with {chunks} chunks")
         self.chunks, self.extra_warmup = chunks, extra_warmup
 
     def warmup(self) -> int:

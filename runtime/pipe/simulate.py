@@ -44,8 +44,8 @@ def simulate(schedules: Sequence[PipeSchedule], forward_time: Union[float, Seque
 
     Raises:
         ScheduleDeadlock: some stage can never proceed.
-        AssertionError: a receive would get a different micro-batch than the one sent first on its
-            channel, or a send is never received.
+        AssertionError: a receive would get another message (micro-batch or chunk) than the one sent
+            first on its channel, or a send is never received.
     """
     per_stage = {op: list(t) if isinstance(t, (list, tuple)) else [t] * len(schedules)
                  for op, t in (("F", forward_time), ("B", backward_time))}
@@ -53,7 +53,10 @@ def simulate(schedules: Sequence[PipeSchedule], forward_time: Union[float, Seque
     chunks = getattr(schedules[0], "chunks", 1)
     clock = [0.0] * len(schedules)
     busy = [0.0] * len(schedules)
-    channels: Dict[tuple, deque] = defaultdict(deque)  # (recv op, receiving virtual stage) -> (mb, time)
+    # as the engine's channels ([Note: p2p channels] in p2p.py): (recv op, receiving stage) -> messages
+    # (micro-batch, receiving virtual stage, time), matched in order whatever the chunk
+    channels: Dict[tuple, deque] = defaultdict(deque)
+    stages = len(schedules)
     while any(programs):
         progressed = False
         for stage, program in enumerate(programs):
@@ -62,13 +65,14 @@ def simulate(schedules: Sequence[PipeSchedule], forward_time: Union[float, Seque
                 virtual = _virtual(schedules[stage], ins.chunk)
                 if ins.op in _PEER:
                     recv, step = _PEER[ins.op]
-                    channels[(recv, virtual + step)].append((ins.micro_batch, clock[stage]))
+                    channels[(recv, (virtual + step) % stages)].append((ins.micro_batch, virtual + step, clock[stage]))
                 elif ins.op in ("rA", "rG"):
-                    queue = channels[(ins.op, virtual)]
+                    queue = channels[(ins.op, stage)]
                     if not queue:
                         break
-                    mb, sent_at = queue.popleft()
-                    assert mb == ins.micro_batch, f"stage {stage} {ins} received micro-batch {mb}"
+                    mb, target, sent_at = queue.popleft()
+                    assert (mb, target) == (ins.micro_batch, virtual), \
+                        f"stage {stage} {ins} (virtual stage {virtual}) received micro-batch {mb} for virtual stage {target}"
                     clock[stage] = max(clock[stage], sent_at)
                 elif ins.op in ("F", "B"):
                     cost = per_stage[ins.op][stage] / chunks

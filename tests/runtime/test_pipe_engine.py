@@ -97,6 +97,10 @@ def _world4(rank, world, ckpt_dir):
     out["2x2-interleaved"] = (pc.train_steps(engine, data), pc.stage_weights(engine))
     engine = pc.make_engine(pc.mlp_specs(), 4, 1, 4, extra_warmup=2)  # ordered 1F1B, two more warm-up forwards
     out["four-xw"] = (pc.train_steps(engine, pc.batches(STEPS, 1, 4)), pc.stage_weights(engine))
+    # 4 stages x 2 chunks: the last stage's activations go around to stage 0 on a channel of its own
+    engine = pc.make_engine(pc.mlp_specs(8), 4, 1, 4, num_chunks=2)
+    out["four-interleaved"] = (pc.train_steps(engine, pc.batches(STEPS, 1, 4)), pc.stage_weights(engine),
+                               sorted(engine.p2p.groups))
     return out
 
 
@@ -189,6 +193,16 @@ def test_four_stages_with_extra_warmup_match_sequential(world4):
     ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4))
     _assert_losses(world4, "four-xw", ref_losses)
     _assert_close(_merged(world4, "four-xw"), ref_weights)
+
+
+def test_four_stages_interleaved_match_sequential(world4):
+    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(8), pc.batches(STEPS, 1, 4))
+    _assert_losses(world4, "four-interleaved", ref_losses)
+    _assert_close(_merged(world4, "four-interleaved"), ref_weights)
+    # [Note: p2p channels]: per stage one channel per kind and direction, shared by both chunks
+    assert [r["four-interleaved"][2] for r in world4] == [
+        [("act", 0), ("act", 3), ("grad", 0), ("grad", 1)], [("act", 0), ("act", 1), ("grad", 1), ("grad", 2)],
+        [("act", 1), ("act", 2), ("grad", 2), ("grad", 3)], [("act", 2), ("act", 3), ("grad", 0), ("grad", 3)]]
 
 
 def test_two_by_two_zero1_matches_sequential(world4):

@@ -7,6 +7,7 @@ import pytest
 
 from dsrun.pipe import InferenceSchedule, Instruction, InterleavedTrainSchedule, LayerSpec, TiedLayerSpec, \
     TrainSchedule
+from dsrun.runtime.pipe.schedule import InterleavedInferenceSchedule
 from dsrun.runtime.pipe.simulate import ScheduleDeadlock, simulate
 
 # reference/deepspeed-runtime.md 5.2, buffer ids, '·' between steps (normalised: "L0F0" -> "L0 F0").
@@ -133,6 +134,26 @@ def test_extra_warmup_order_and_memory():
             assert most == min(later + 1 + (extra if later else 0), micro_batches)
     with pytest.raises(ValueError, match="extra_warmup"):
         InterleavedTrainSchedule(4, 2, 0, 1, extra_warmup=-1)
+    with pytest.raises(ValueError, match="0 with chunks > 1"):
+        InterleavedTrainSchedule(4, 2, 0, 2, extra_warmup=1)
+
+
+@pytest.mark.parametrize("stages", [2, 3, 4, 8])
+def test_chunks_of_a_stage_share_its_channels(stages):
+    """[Note: p2p channels]: one channel per (kind, sending stage) for all chunks; simulate() matches each
+    receive with the first message on its stage's channel and checks micro-batch and chunk, for every
+    schedule, unequal stages included."""
+    unequal = [1.0 + 0.3 * s for s in range(stages)]
+    for chunks in (1, 2, 3, 4):
+        for micro_batches in (stages, 2 * stages, 3 * stages):
+            for f in (1.0, unequal):
+                simulate([InterleavedTrainSchedule(micro_batches, stages, s, chunks) for s in range(stages)], f, 2.0)
+            simulate([InterleavedInferenceSchedule(micro_batches, stages, s, chunks) for s in range(stages)], 1.0, 0.0)
+        simulate([InterleavedTrainSchedule(2 * stages, stages, s, 1, extra_warmup=3) for s in range(stages)],
+                 unequal, 2.0)
+    for micro_batches in (1, 2, 5, 9):
+        simulate([TrainSchedule(micro_batches, stages, s) for s in range(stages)], unequal, 2.0)
+        simulate([InferenceSchedule(micro_batches, stages, s) for s in range(stages)], 1.0, 0.0)
 
 
 def test_extra_warmup_fills_the_waits_of_a_heavier_first_stage():
