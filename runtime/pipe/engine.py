@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from dsrun.errors import ConfigError
+from dsrun.errors import ConfigError, UsageError
 
 from ..config.policies import torch_dtype
 from ..config_queries import ConfigQueries
@@ -76,6 +76,7 @@ class PipelineEngine(ConfigQueries):
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             self.device = torch.device("cpu")
+        self._check_every_stage_trains(model)
         from ..compose import apply_data, apply_optimizer, apply_placement, apply_scheduler
         apply_placement(model, device=self.device, sharding=config.sharding, precision=config.precision)
         model.synchronize_tied_weights()
@@ -193,6 +194,23 @@ class PipelineEngine(ConfigQueries):
 
     def fp16_enabled(self) -> bool:
         return False
+
+    def _check_every_stage_trains(self, model) -> None:
+        """Every rank learns which stages hold no trainable parameter and all stop with one clear error
+        (collective: a stage failing alone in its optimizer's constructor left the others waiting)."""
+        mine = torch.tensor([int(not any(p.requires_grad for p in model.parameters()))], device=self.device)
+        flags = [torch.zeros_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(flags, mine)
+        topo = self.grid.topology
+        empty = sorted({topo.get_coord(rank).pipe for rank, flag in enumerate(flags) if flag.item()})
+        if empty:
+            parts = model.parts
+            where = ", ".join(f"stage {s} (layers {parts[s]}-{parts[s + 1] - 1})" if model.num_chunks == 1
+                              else f"stage {s}" for s in empty)
+            raise UsageError(f"pipeline {where} hold{'s' if len(empty) == 1 else ''} no trainable parameter, so its "
+                             f"optimizer would have nothing to step",
+                             hint="partition with partition_method='parameters' or 'type:<layer class>', or use "
+                                  "fewer stages")
 
     def train(self, mode: bool = True):
         self.module.train(mode)

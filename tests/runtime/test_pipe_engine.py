@@ -17,7 +17,7 @@ from _dist import run_ranks  # noqa: E402
 import pipe_cases as pc  # noqa: E402
 
 import dsrun  # noqa: E402,F401  (imported before the ranks fork)
-from dsrun.errors import ConfigError  # noqa: E402
+from dsrun.errors import ConfigError, UsageError  # noqa: E402
 from dsrun.runtime.pipe.engine import PipelineError  # noqa: E402
 from dsrun.runtime.pipe.p2p import TensorMeta  # noqa: E402
 from dsrun.runtime.pipe.partition import LayerInfo, partition_balanced, partition_uniform, plan_partition  # noqa: E402
@@ -123,6 +123,9 @@ def _world2(rank, world, ckpt_dir):
                        ({"extra_warmup": 1, "num_chunks": 2}, "pipeline.extra_warmup")):
         with pytest.raises(ConfigError, match=where):
             pc.make_engine(pc.mlp_specs(), 2, 1, 4, **bad)
+    from dsrun.pipe import LayerSpec
+    with pytest.raises(UsageError, match=r"stage 1 \(layers 1-1\) holds no trainable parameter"):  # on every rank
+        pc.make_engine([LayerSpec(torch.nn.Linear, pc.WIDTH, pc.WIDTH), LayerSpec(pc.Scale)], 2, 1, 2)
     tied_data = pc.batches(STEPS, 1, 2)
     engine = pc.make_engine(pc.tied_specs(), 2, 1, 2)
     out["tied"] = (pc.train_steps(engine, tied_data), pc.stage_weights(engine), engine.get_global_grad_norm())
