@@ -346,7 +346,9 @@ class PipelineEngine(ConfigQueries):
         waiting: a plain copy from pageable memory first waits for every kernel already queued, so the
         host loses its lead over the GPU once per micro-batch and the GPU idles while the host launches
         the next layers (about 1 ms per micro-batch on B3). Pageable inputs are staged through pinned
-        memory (torch's caching host allocator keeps the block until the copy has run)."""
+        memory (torch's caching host allocator keeps the block until the copy has run); pinned inputs (a
+        DataLoader's with pin_memory=True, fresh each batch) are read as the copy runs, so a loader that
+        refills one pinned buffer in place must not do so before the step that used it has finished."""
         if torch.is_tensor(obj):
             if obj.device.type == "cpu" and self.device.type == "cuda":
                 return (obj if obj.is_pinned() else obj.pin_memory()).to(self.device, non_blocking=True)
