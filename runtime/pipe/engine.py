@@ -202,7 +202,7 @@ class PipelineEngine(ConfigQueries):
         flags = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(flags, mine)
         topo = self.grid.topology
-        empty = sorted({topo.get_coord(rank).pipe for rank, flag in enumerate(flags) if flag.item()})
+        empty = sorted({topo.get_coord(rank).pipe for rank, flag in enumerate(torch.cat(flags).tolist()) if flag})
         if empty:
             parts = model.parts
             where = ", ".join(f"stage {s} (layers {parts[s]}-{parts[s + 1] - 1})" if model.num_chunks == 1

@@ -183,25 +183,28 @@ def _assert_losses(results, case, ref_losses, rel=1e-5):
         assert r[case][0] == pytest.approx(ref_losses, rel=rel)
 
 
+def _assert_matches_sequential(results, case, specs, data, **kw):
+    """Losses and merged weights of `case` equal the sequential model's on `data`; returns that reference
+    (losses, weights, eval losses)."""
+    ref = pc.reference_run(specs, data, **kw)
+    _assert_losses(results, case, ref[0])
+    _assert_close(_merged(results, case), ref[1])
+    return ref
+
+
 def test_four_stages_match_sequential(world4):
-    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4))
-    _assert_losses(world4, "four", ref_losses)
-    _assert_close(_merged(world4, "four"), ref_weights)
+    _, ref_weights, _ = _assert_matches_sequential(world4, "four", pc.mlp_specs(), pc.batches(STEPS, 1, 4))
     assert world4[0]["four"][2] > pc.CLIP  # clipping was active
     held = [set(r["four"][1]) for r in world4]  # each rank built only its own stage's layers
     assert sum(len(h) for h in held) == len(set().union(*held)) == len(ref_weights)
 
 
 def test_four_stages_with_extra_warmup_match_sequential(world4):
-    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4))
-    _assert_losses(world4, "four-xw", ref_losses)
-    _assert_close(_merged(world4, "four-xw"), ref_weights)
+    _assert_matches_sequential(world4, "four-xw", pc.mlp_specs(), pc.batches(STEPS, 1, 4))
 
 
 def test_four_stages_interleaved_match_sequential(world4):
-    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(8), pc.batches(STEPS, 1, 4))
-    _assert_losses(world4, "four-interleaved", ref_losses)
-    _assert_close(_merged(world4, "four-interleaved"), ref_weights)
+    _assert_matches_sequential(world4, "four-interleaved", pc.mlp_specs(8), pc.batches(STEPS, 1, 4))
     # [Note: p2p channels]: per stage one channel per kind and direction, shared by both chunks
     assert [r["four-interleaved"][2] for r in world4] == [
         [("act", 0), ("act", 3), ("grad", 0), ("grad", 1)], [("act", 0), ("act", 1), ("grad", 1), ("grad", 2)],
@@ -209,9 +212,7 @@ def test_four_stages_interleaved_match_sequential(world4):
 
 
 def test_two_by_two_zero1_matches_sequential(world4):
-    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 2, 2))
-    _assert_losses(world4, "2x2", ref_losses)
-    _assert_close(_merged(world4, "2x2"), ref_weights)
+    _assert_matches_sequential(world4, "2x2", pc.mlp_specs(), pc.batches(STEPS, 2, 2))
     assert world4[0]["2x2"][2] > pc.CLIP
     for stage in (0, 1):  # ZeRO-1: the two data-parallel ranks of a stage split its Adam state (2 per element)
         (_, _, _, state_a, numel), (_, _, _, state_b, _) = (world4[2 * stage]["2x2"], world4[2 * stage + 1]["2x2"])
@@ -219,15 +220,12 @@ def test_two_by_two_zero1_matches_sequential(world4):
 
 
 def test_two_by_two_interleaved_matches_sequential(world4):
-    ref_losses, ref_weights, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 2, 2))
-    _assert_losses(world4, "2x2-interleaved", ref_losses)
-    _assert_close(_merged(world4, "2x2-interleaved"), ref_weights)
+    _assert_matches_sequential(world4, "2x2-interleaved", pc.mlp_specs(), pc.batches(STEPS, 2, 2))
 
 
 def test_two_stages_train_eval_train_with_activation_checkpointing(world2):
-    ref_losses, ref_weights, ref_eval = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4), eval_after={0})
-    _assert_losses(world2, "two", ref_losses)
-    _assert_close(_merged(world2, "two"), ref_weights)
+    _, _, ref_eval = _assert_matches_sequential(world2, "two", pc.mlp_specs(), pc.batches(STEPS, 1, 4),
+                                                eval_after={0})
     for r in world2:
         assert r["two"][2] == pytest.approx(ref_eval[0], rel=1e-5)
     assert [r["two"][3] for r in world2] == [False, True]  # logits on the last stage only
@@ -237,9 +235,8 @@ def test_two_stages_train_eval_train_with_activation_checkpointing(world2):
 
 
 def test_interleaved_train_eval_train_matches_sequential(world2):
-    ref_losses, ref_weights, ref_eval = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4), eval_after={0})
-    _assert_losses(world2, "interleaved", ref_losses)
-    _assert_close(_merged(world2, "interleaved"), ref_weights)
+    _, _, ref_eval = _assert_matches_sequential(world2, "interleaved", pc.mlp_specs(), pc.batches(STEPS, 1, 4),
+                                                eval_after={0})
     for r in world2:
         assert r["interleaved"][2] == pytest.approx(ref_eval[0], rel=1e-5)
     assert world2[0]["interleaved"][3] == [0, 2, 4, 6, 7]
@@ -266,9 +263,7 @@ def test_one_stage_data_parallel_matches_sequential(world2):
 
 
 def test_tuple_activations_match_sequential(world2):
-    ref_losses, ref_weights, _ = pc.reference_run(pc.tuple_specs(), pc.batches(STEPS, 1, 2))
-    _assert_losses(world2, "tuple", ref_losses)
-    _assert_close(_merged(world2, "tuple"), ref_weights)
+    _assert_matches_sequential(world2, "tuple", pc.tuple_specs(), pc.batches(STEPS, 1, 2))
 
 
 def test_tied_layers_match_sequential(world2):
