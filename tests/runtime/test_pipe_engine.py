@@ -304,12 +304,15 @@ from dsrun.pipe import LayerSpec, PipelineModule
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--local_rank", type=int, default=0)
+parser.add_argument("--empty_last_stage", action="store_true")
 dsrun.add_config_arguments(parser)
 args = parser.parse_args()
 g = torch.Generator().manual_seed(0)
 data = [(torch.randn(8, generator=g), torch.randn(3, generator=g)) for _ in range(32)]
-model = PipelineModule([LayerSpec(torch.nn.Linear, 8, 16), torch.nn.Tanh(), LayerSpec(torch.nn.Linear, 16, 3)],
-                       num_stages=2, loss_fn=torch.nn.functional.mse_loss, partition_method="uniform")
+layers = [LayerSpec(torch.nn.Linear, 8, 16), torch.nn.Tanh(), LayerSpec(torch.nn.Linear, 16, 3)]
+if args.empty_last_stage:
+    layers = [LayerSpec(torch.nn.Linear, 8, 3), torch.nn.Tanh()]
+model = PipelineModule(layers, num_stages=2, loss_fn=torch.nn.functional.mse_loss, partition_method="uniform")
 engine, optimizer, loader, _ = dsrun.initialize(args=args, model=model, training_data=data)
 losses = [engine.train_batch().item() for _ in range(3)]
 evaluated = engine.eval_batch(iter(loader)).item()
@@ -318,22 +321,37 @@ print(f"rank {engine.global_rank} stage {engine.stage_id} steps {engine.global_s
 """
 
 
-def test_pipeline_through_the_launcher(tmp_path):
-    """initialize(args=...) with a config file, training_data, the config's optimizer, on ranks started
-    by dsrun itself; every rank reports the same losses."""
+def _launch_train_script(tmp_path, *script_args, pipeline=None):
     import json
-    import re
     import subprocess
     (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
     (tmp_path / "ds.json").write_text(json.dumps({
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "gradient_clipping": 1.0,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "hang_watchdog": {"enabled": False}}))
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "hang_watchdog": {"enabled": False},
+        **({"pipeline": pipeline} if pipeline else {})}))
     env = {k: v for k, v in os.environ.items() if k != "DS_ENV_FILE"}
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    done = subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", "train.py",
-                           "--deepspeed_config", "ds.json"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", "train.py",
+                           "--deepspeed_config", "ds.json", *script_args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+@pytest.mark.parametrize("extra_warmup", [0, 1])
+def test_pipeline_through_the_launcher(tmp_path, extra_warmup):
+    """initialize(args=...) with a config file, training_data, the config's optimizer, on ranks started
+    by dsrun itself (DeepSpeed's lock-step 1F1B, and the ordered one with an extra warm-up forward);
+    every rank reports the same losses."""
+    import re
+    done = _launch_train_script(tmp_path, pipeline={"extra_warmup": extra_warmup})
     assert done.returncode == 0, done.stdout + done.stderr
     reports = re.findall(r"rank (\d) stage (\d) steps 3 losses (\[.*?\]) eval (\S+)", done.stdout)
     assert sorted((r, s) for r, s, _, _ in reports) == [("0", "0"), ("1", "1")], done.stdout
     assert reports[0][2:] == reports[1][2:]
+
+
+def test_a_stage_without_parameters_stops_the_launch_with_one_clear_error(tmp_path):
+    done = _launch_train_script(tmp_path, "--empty_last_stage")
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "pipeline stage 1 (layers 1-1) holds no trainable parameter" in out, out
+    assert "Traceback" not in out, out
