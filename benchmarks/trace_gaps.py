@@ -11,6 +11,7 @@ NCCL kernels are reported per stream with the time they overlap compute kernels.
 import argparse
 import gzip
 import json
+import signal
 from collections import defaultdict
 
 FAMILIES = (("nccl", "nccl"), ("adam", "_adam_"), ("attention", "flash"), ("attention", "fmha"),
@@ -97,4 +98,5 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly
     main()
