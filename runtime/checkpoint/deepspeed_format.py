@@ -37,10 +37,11 @@ without DeepSpeed (ds_files.py).
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -61,7 +62,35 @@ def _numel(shape) -> int:
 
 
 def _flat(value) -> torch.Tensor:
-    return value.detach().reshape(-1).to(torch.float32)
+    return value.detach().reshape(-1)
+
+
+class _Chain:
+    """1-D tensors read as their concatenation, never concatenated. DeepSpeed keeps each flat buffer as one
+    partition per rank, in files this reader memory-maps; joining them would put the whole model's fp32
+    weights and optimizer states (12 bytes or more per parameter) in the memory of every rank of the
+    loading job, which reads only its own ranges: 8 ranks of a node loading a 7B model's checkpoint would
+    hold 8 copies of 84 GB. Slicing keeps views; `read()` copies only the elements it covers, in fp32."""
+
+    def __init__(self, parts: Sequence[Union[torch.Tensor, "_Chain"]]):
+        flat = [q for p in parts for q in (p.parts if isinstance(p, _Chain) else [_flat(p)])]
+        self.parts = [p for p in flat if p.numel()]
+        self.bounds = list(itertools.accumulate((p.numel() for p in self.parts), initial=0))
+
+    def numel(self) -> int:
+        return self.bounds[-1]
+
+    def __getitem__(self, index: slice) -> "_Chain":
+        start, end, _ = index.indices(self.numel())
+        pieces = [part[max(start, lo) - lo:min(end, hi) - lo]
+                  for part, lo, hi in zip(self.parts, self.bounds, self.bounds[1:]) if max(start, lo) < min(end, hi)]
+        return _Chain(pieces)
+
+    def read(self) -> torch.Tensor:
+        """A new fp32 tensor of these elements."""
+        if len(self.parts) == 1:
+            return self.parts[0].to(torch.float32, copy=True)
+        return torch.cat([p.to(torch.float32) for p in self.parts]) if self.parts else torch.empty(0)
 
 
 def _scalar(value):
@@ -92,7 +121,8 @@ class DeepSpeedCheckpoint:
             raise CheckpointError("not a DeepSpeed model-states file (no 'module')", where=self.states_path)
         refuse_unsupported(tag_dir, self.model_states)
         self.module_state = self.model_states["module"]
-        self.tensors: Dict[str, Dict[str, torch.Tensor]] = {}  # name -> key ('master', 'exp_avg', ...) -> 1-D
+        # name -> key ('master', 'exp_avg', ...) -> its elements in the memory-mapped files (_Chain)
+        self.tensors: Dict[str, Dict[str, _Chain]] = {}
         self.shapes: Dict[str, tuple] = {}
         self.groups: List[dict] = []  # dsrun's optimizer_groups: hyperparameters and scalar state per group
         self.loss_scaler: dict = {}
@@ -161,10 +191,11 @@ class DeepSpeedCheckpoint:
             pos += 1
         return names
 
-    def _put(self, name: str, shape, master: torch.Tensor, optim: Dict[str, torch.Tensor]) -> None:
+    def _put(self, name: str, shape, master, optim: Dict[str, _Chain]) -> None:
+        """`master` and each `optim` value: a tensor or a _Chain, at least numel(shape) long."""
         n = _numel(shape)
-        entry = {"master": master[:n].to(torch.float32)}
-        entry.update({k: v[:n] for k, v in optim.items()})
+        entry = {"master": _Chain([master])[:n]}
+        entry.update({k: _Chain([v])[:n] for k, v in optim.items()})
         self.shapes[name] = tuple(shape)
         self.tensors[name] = entry
 
@@ -180,9 +211,8 @@ class DeepSpeedCheckpoint:
         if "fp32_groups_flat" in opt:  # FP16_Optimizer: one unpadded flat master per group
             shapes = [s for g in self._group_shapes() for s in g.values()]
             names = self._match_names(shapes)
-            flats = [_flat(t) for t in opt["fp32_groups_flat"]]
             states = [inner["state"].get(g["params"][0], {}) for g in inner["param_groups"]]
-            self._walk_flat(names, shapes, torch.cat(flats), self._cat_states(states))
+            self._walk_flat(names, shapes, _Chain(opt["fp32_groups_flat"]), self._cat_states(states))
         else:
             masters = [t for group in opt.get("fp32_groups") or [] for t in group]  # FP16_UnfusedOptimizer
             index = [i for g in inner["param_groups"] for i in g["params"]]
@@ -194,8 +224,8 @@ class DeepSpeedCheckpoint:
                 if name is None:
                     continue
                 value = masters[pos] if masters else self.module_state[name]
-                optim = {k: _flat(v) for k, v in inner["state"].get(i, {}).items() if _is_state_tensor(v)}
-                self._put(name, value.shape, _flat(value), optim)
+                optim = {k: v for k, v in inner["state"].get(i, {}).items() if _is_state_tensor(v)}
+                self._put(name, value.shape, value, optim)
         for g in inner["param_groups"]:
             self._add_group(g, inner["state"].get(g["params"][0], {}) if g["params"] else {})
         self._loss_scale(opt)
@@ -213,9 +243,9 @@ class DeepSpeedCheckpoint:
         named = dict(zip(with_state, self._match_names(shapes)))
         return [named.get(i) for i in index]
 
-    def _cat_states(self, states: List[dict]) -> Dict[str, torch.Tensor]:
+    def _cat_states(self, states: List[dict]) -> Dict[str, _Chain]:
         keys = [k for k, v in (states[0] if states else {}).items() if _is_state_tensor(v)]
-        return {k: torch.cat([_flat(s[k]) for s in states]) for k in keys}
+        return {k: _Chain([s[k] for s in states]) for k in keys}
 
     def _walk_flat(self, names, shapes, master, optim, paddings=None) -> None:
         offset = 0
@@ -232,7 +262,7 @@ class DeepSpeedCheckpoint:
         first = optim[0]
         paddings = first.get("param_alignment_paddings") if param_padding else None
         for g, shapes in enumerate(self._group_shapes()):
-            master = torch.cat([_flat(sd["single_partition_of_fp32_groups"][g]) for sd in optim])
+            master = _Chain([sd["single_partition_of_fp32_groups"][g] for sd in optim])
             base = [sd["base_optimizer_state"] for sd in optim]
             if isinstance(base[0], dict):  # rigid: each rank's torch state_dict of its flat partitions
                 states = [b["state"].get(b["param_groups"][g]["params"][0], {}) for b in base]
@@ -250,7 +280,7 @@ class DeepSpeedCheckpoint:
         world = len(optim)
         flats, states = [], []
         for sd in optim:
-            flats.append(torch.cat([_flat(t) for t in sd["fp32_flat_groups"]]))
+            flats.append(_Chain(sd["fp32_flat_groups"]))
             inner = sd["optimizer_state_dict"]
             order = [i for g in inner["param_groups"] for i in g["params"]]  # sub-groups in flat order
             states.append(self._cat_states([inner["state"].get(i, {}) for i in order]))
@@ -258,8 +288,8 @@ class DeepSpeedCheckpoint:
         for group in self._group_shapes():
             for name, shape in group.items():
                 part = math.ceil(_numel(shape) / world)
-                whole = torch.cat([f[offset:offset + part] for f in flats])
-                optim_whole = {k: torch.cat([s[k][offset:offset + part] for s in states]) for k in states[0]}
+                whole = _Chain([f[offset:offset + part] for f in flats])
+                optim_whole = {k: _Chain([s[k][offset:offset + part] for s in states]) for k in states[0]}
                 self._put(name, shape, whole, optim_whole)
                 offset += part
         inner = optim[0]["optimizer_state_dict"]
@@ -271,7 +301,7 @@ class DeepSpeedCheckpoint:
             ranks = [self.model_states] + [load_deepspeed_file(os.path.join(self.tag_dir, STAGE3_MODEL_STATES.format(r)))
                                            for r in range(1, world)]
             for name, shape in (self.model_states.get("frozen_param_shapes") or {}).items():
-                whole = torch.cat([_flat(r["frozen_param_fragments"][name]) for r in ranks])
+                whole = _Chain([r["frozen_param_fragments"][name] for r in ranks])
                 self._put(name, shape, whole, {})
 
     def _add_untrained(self) -> None:
@@ -279,11 +309,11 @@ class DeepSpeedCheckpoint:
         for name, value in (self.model_states.get("frozen_param_fragments") or {}).items():
             shape = (self.model_states.get("frozen_param_shapes") or {}).get(name, value.shape)
             if name not in self.tensors and value.numel() == _numel(shape):
-                self._put(name, shape, _flat(value), {})
+                self._put(name, shape, value, {})
         for name in self._param_names():
             value = self.module_state[name]
             if name not in self.tensors and value.numel() > 0:
-                self._put(name, value.shape, _flat(value), {})
+                self._put(name, value.shape, value, {})
         self.frozen = {n for n in self.tensors if set(self.tensors[n]) == {"master"}} - self._trained()
 
     def _trained(self) -> set:
@@ -373,7 +403,7 @@ class DeepSpeedCheckpoint:
         entry = self._entry(name)
         if key not in entry:
             raise KeyError(f"{name}: no {key!r} saved")
-        return entry[key][start:end].clone()
+        return entry[key][start:end].read()
 
     def read_full(self, name: str, key: str = "master") -> torch.Tensor:
         return self.read(name, key, 0, _numel(self.shapes[self.aliases.get(name, name)])).view(

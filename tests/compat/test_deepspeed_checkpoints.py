@@ -232,3 +232,55 @@ def test_config_saved_as_a_path(tmp_path):
     checkpoint = DeepSpeedCheckpoint(str(folder / "global_step3"))
     assert checkpoint.loss_scaler["cur_scale"] == 256  # fp16 told by the weights' dtype
     assert checkpoint.dsrun_states()["scalar_state"]["counters"]["micro_steps"] == 0
+
+
+def _large_zero2_folder(tag_dir, numel):
+    """A ZeRO-2 DeepSpeed checkpoint of 2 ranks holding one fp32 parameter `big.weight` of `numel` elements
+    (a multiple of 4: no padding), with the fp32_zero2 fixture's keys; master = 0, 1, 2, ...,
+    exp_avg = 2 x master, exp_avg_sq = 3 x master."""
+    from dsrun.runtime.checkpoint.ds_files import load_deepspeed_file
+    fixture = os.path.join(FIXTURES, "fp32_zero2", "global_step3")
+    states = load_deepspeed_file(os.path.join(fixture, "mp_rank_00_model_states.pt"), mmap=False)
+    optim = load_deepspeed_file(os.path.join(fixture, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), mmap=False)
+    master = torch.arange(numel, dtype=torch.float32)
+    states.update(module={"big.weight": master.view(4, -1).clone()}, buffer_names=[], frozen_param_shapes={},
+                  frozen_param_fragments={}, shared_params={}, param_shapes=[{"big.weight": torch.Size([4, numel // 4])}])
+    os.makedirs(tag_dir)
+    torch.save(states, os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
+    inner = {k: v for k, v in optim["optimizer_state_dict"].items() if k not in ("loss_scaler", "param_slice_mappings")}
+    for rank, part in enumerate(master.chunk(2)):
+        base = dict(inner["base_optimizer_state"])
+        base["state"] = {0: {"step": torch.tensor(3.0), "exp_avg": 2 * part, "exp_avg_sq": 3 * part}}
+        rank_state = dict(inner, single_partition_of_fp32_groups=[part.clone()], base_optimizer_state=base,
+                          param_alignment_paddings=[[0]], group_paddings=[0], partition_count=[2])
+        torch.save({"optimizer_state_dict": rank_state},
+                   os.path.join(tag_dir, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"))
+
+
+def test_opening_a_deepspeed_checkpoint_copies_only_what_is_read(tmp_path):
+    """Each rank of a loading job reads its own ranges of the DeepSpeed partitions. Opening the folder must
+    not join them: that put the whole model's fp32 weights and moments in every rank's memory (8 ranks of
+    a node, 7B parameters: 8 x 84 GB). A 16M-parameter checkpoint (192 MB of fp32 state) is opened in a
+    fresh process, a range across the two ranks' partitions is read, and the process's resident memory may
+    grow by far less than the state."""
+    numel = 1 << 24
+    tag = tmp_path / "global_step3"
+    _large_zero2_folder(str(tag), numel)
+    code = (
+        "import sys, torch\n"
+        "from dsrun.runtime.checkpoint.deepspeed_format import DeepSpeedCheckpoint\n"
+        "def resident():\n"
+        "    return int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "before = resident()\n"
+        "ckpt = DeepSpeedCheckpoint(sys.argv[1])\n"
+        "half = ckpt.shapes['big.weight'][0] * ckpt.shapes['big.weight'][1] // 2\n"
+        "values = {k: ckpt.read('big.weight', k, half - 3, half + 3) for k in ('master', 'exp_avg', 'exp_avg_sq')}\n"
+        "expected = torch.arange(half - 3, half + 3, dtype=torch.float32)\n"
+        "assert torch.equal(values['master'], expected), values['master']\n"
+        "assert torch.equal(values['exp_avg'], 2 * expected) and torch.equal(values['exp_avg_sq'], 3 * expected)\n"
+        "print((resident() - before) // 2 ** 20)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tag)], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=REPO))
+    assert out.returncode == 0, out.stderr
+    grown_mib = int(out.stdout.split()[-1])
+    assert grown_mib < 48, f"opening and reading 6 elements grew the process by {grown_mib} MiB of 192 MiB of state"
