@@ -65,6 +65,7 @@ def _write_rank_files(engine, tmp_dir: str, tag: str, client_state: dict) -> Non
                 "micro_steps": engine.micro_steps, "dp_world_size": engine.dp_world_size,
                 "num_stages": engine.num_stages, "parts": list(module.parts), "tag": tag,
                 "lr_scheduler": engine.lr_scheduler.state_dict() if engine.lr_scheduler is not None else None,
+                "loss_scaler": engine.loss_scaler.state_dict(), "skipped_steps": engine.skipped_steps,
                 "ds_config": engine.config.raw, "client_state": client_state}
         torch_save_synced(meta, os.path.join(tmp_dir, stage_file(stage)))
     optim = {"params": engine.stage_optimizer.state_by_name(), "param_groups": engine.stage_optimizer.hyperparameters(),
@@ -128,6 +129,9 @@ def load(engine, load_dir, tag=None, strict: bool = True, load_optimizer_states:
     engine.micro_steps = meta.get("micro_steps", 0)
     if load_lr_scheduler_states and engine.lr_scheduler is not None and meta.get("lr_scheduler") is not None:
         engine.lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    engine.skipped_steps = meta.get("skipped_steps", 0)
+    if load_optimizer_states and meta.get("loss_scaler"):  # fp16's scale travels with the optimizer state
+        engine.loss_scaler.load_state_dict(meta["loss_scaler"])
     params, groups = _read_optimizer_files(tag_dir) if load_optimizer_states else ({}, None)
     engine.stage_optimizer.load_state_by_name(params, groups, load_optimizer_states=load_optimizer_states)
     Comm().barrier()  # every rank has read the folder before any rank may save over it

@@ -26,6 +26,7 @@ step and is not watched.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional
 
@@ -40,6 +41,8 @@ from .p2p import StageP2P
 from .schedule import InferenceSchedule, InterleavedInferenceSchedule, InterleavedTrainSchedule, TrainSchedule
 
 __all__ = ["PipelineEngine", "PipelineError"]
+
+log = logging.getLogger("dsrun")
 
 
 class PipelineError(Exception):
@@ -92,6 +95,10 @@ class PipelineEngine(ConfigQueries):
                                               grid=self.grid, shard_optimizer_state=config.sharding.optimizer_state,
                                               comm=self.comm)
         self.optimizer = opt
+        from ..compose import apply_precision
+        # fp16: the last stage scales the loss; the step unscales and skips on overflow ([Note: pipeline fp16])
+        self.loss_scaler, self._check_overflow = apply_precision(config=config)
+        self.skipped_steps = 0
         self.lr_scheduler = apply_scheduler(client=lr_scheduler, optimizer=opt, config=config)
         self.training_dataloader = apply_data(training_data=training_data, config=config,
                                               group=self.grid.get_data_parallel_group(), collate_fn=collate_fn)
@@ -139,9 +146,6 @@ class PipelineEngine(ConfigQueries):
         if config.offload.optimizer.value != "none" or config.offload.params.value != "none":
             raise ConfigError("offload is not supported with pipeline parallelism",
                               where="zero_optimization.offload_optimizer", hint="remove the offload sections")
-        if config.precision.param_dtype == "fp16":
-            raise ConfigError("fp16 is not supported by dsrun's pipeline engine yet; use bf16 or fp32",
-                              where="fp16.enabled", hint="use \"bf16\": {\"enabled\": true}")
 
     # -- DeepSpeed's surface ---------------------------------------------------------------------------
 
@@ -193,7 +197,7 @@ class PipelineEngine(ConfigQueries):
         return self.config.precision.param_dtype == "bf16"
 
     def fp16_enabled(self) -> bool:
-        return False
+        return self.config.precision.param_dtype == "fp16"
 
     def _check_every_stage_trains(self, model) -> None:
         """Every rank learns which stages hold no trainable parameter and all stop with one clear error
@@ -242,7 +246,7 @@ class PipelineEngine(ConfigQueries):
         self.monitor.on_backward(self.agg_train_loss)  # the step's loss: one value, already averaged
         self.monitor.on_step(step=self.global_steps, samples=self.global_samples,
                              grad_norm=self.stage_optimizer.grad_norm, lr=self.optimizer.param_groups[0]["lr"],
-                             loss_scale=1.0, skipped_steps=0)
+                             loss_scale=self.loss_scaler.loss_scale, skipped_steps=self.skipped_steps)
         return self.agg_train_loss
 
     def eval_batch(self, data_iter, return_logits: bool = False, compute_loss: bool = True, reduce_output="avg",
@@ -391,8 +395,8 @@ class PipelineEngine(ConfigQueries):
 
     def _backward(self, ins) -> None:
         key = (ins.micro_batch, ins.chunk)
-        if self._last_virtual(ins):
-            (self._losses.pop(ins.micro_batch).float() / self.micro_batches).backward()
+        if self._last_virtual(ins):  # scaled for fp16 ([Note: pipeline fp16])
+            (self._losses.pop(ins.micro_batch).float() * (self.loss_scaler.loss_scale / self.micro_batches)).backward()
         else:
             outputs = self._outputs.pop(key)
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -424,11 +428,23 @@ class PipelineEngine(ConfigQueries):
         self.stage_optimizer.reduce()
 
     def _optimizer_step(self, ins) -> None:
+        """[Note: pipeline fp16] The global norm is taken over the scaled gradients of every stage, so all
+        ranks see the same overflow and skip the same steps; a skipped step leaves the weights, the
+        optimizer state and the scheduler as they were (DeepSpeed's semantics) and still counts as a step."""
         try:
-            self.stage_optimizer.step(float(self.config.gradient_clipping or 0.0))
+            applied = self.stage_optimizer.step(float(self.config.gradient_clipping or 0.0),
+                                                loss_scale=self.loss_scaler.loss_scale,
+                                                check_overflow=self._check_overflow)
         finally:
             self._boundary = False
-        if self.lr_scheduler is not None:
+        if self._check_overflow:
+            message = self.loss_scaler.update(not applied)
+            if not applied:
+                self.skipped_steps += 1
+                if self.global_rank == 0:
+                    log.warning("step %d: %s (grad norm %s)", self.global_steps, message,
+                                self.stage_optimizer.grad_norm)
+        if applied and self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_steps += 1
         self.global_samples += self.train_batch_size()

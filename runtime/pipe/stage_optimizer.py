@@ -13,9 +13,10 @@ every data-parallel rank, so the pipe group (one rank per stage) is enough. Deep
 stage's own norm under some configurations (reference/deepspeed-runtime.md section 7).
 
 Precision: with fp32 weights the optimizer updates the module's parameters and gradients accumulate in
-`.grad`. With bf16 weights each trainable parameter's gradient is added, in fp32, to an fp32 buffer as
-soon as autograd has it (a post-accumulate-grad hook), so micro-batches accumulate in fp32 (DeepSpeed
-accumulates in bf16 unless told otherwise), and the optimizer updates fp32 masters that are cast back.
+`.grad`. With bf16 or fp16 weights each trainable parameter's gradient is added, in fp32, to an fp32
+buffer as soon as autograd has it (a post-accumulate-grad hook), so micro-batches accumulate in fp32
+(DeepSpeed accumulates in bf16 unless told otherwise), and the optimizer updates fp32 masters that are cast
+back. fp16 gradients carry the loss scale until `step` divides it out ([Note: pipeline fp16] in engine.py).
 
 ZeRO-1 (`sharding.optimizer_state`): each trainable parameter belongs to one data-parallel rank (greedy,
 balanced by size, the same on every rank). Only the owner keeps optimizer state and an fp32 master for it
@@ -24,6 +25,7 @@ Gradients are all-reduced whole (not reduce-scattered): simple, and the same byt
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -145,13 +147,21 @@ class StageOptimizer:
         return sq.sqrt()
 
     @torch.no_grad()
-    def step(self, max_norm: float) -> float:
-        """Clip by the global norm (DeepSpeed's coefficient max_norm / (norm + 1e-6) when above 1), update,
-        publish, clear the gradients. Returns the norm before clipping."""
-        norm = self.global_norm()
+    def step(self, max_norm: float, *, loss_scale: float = 1.0, check_overflow: bool = False) -> bool:
+        """Unscale (gradients carry `loss_scale`, fp16), clip by the global norm (DeepSpeed's coefficient
+        max_norm / (norm + 1e-6) when above 1), update, publish, clear the gradients. With `check_overflow`
+        a non-finite global norm skips the update (every rank sees the same norm). `grad_norm` is the
+        unscaled norm before clipping. Returns whether the update was applied."""
+        norm = self.global_norm() / loss_scale
         grads = self._all_grads()
-        if max_norm > 0:
-            coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        if check_overflow and not math.isfinite(norm.item()):  # the host waits for the norm only here
+            self.grad_norm = norm.item()
+            self._clear_grads()
+            return False
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else None
+        if loss_scale != 1.0:
+            coef = coef / loss_scale if coef is not None else 1.0 / loss_scale
+        if coef is not None:
             torch._foreach_mul_(grads, coef)
         for p in self.owned:
             self.masters[p].grad = self.grad_of(p)
@@ -162,11 +172,14 @@ class StageOptimizer:
                 p.data.copy_(self.masters[p])
         if self.sharded:
             self._publish()
+        self._clear_grads()
+        self.grad_norm = norm.item()
+        return True
+
+    def _clear_grads(self) -> None:
         for p in self.params:
             p.grad = None
         self._grads.clear()
-        self.grad_norm = norm.item()
-        return self.grad_norm
 
     def _publish(self) -> None:
         """Each data-parallel rank broadcasts the weights it owns (one flat message per owner)."""

@@ -244,7 +244,8 @@ def _large_zero2_folder(tag_dir, numel):
     optim = load_deepspeed_file(os.path.join(fixture, "zero_pp_rank_0_mp_rank_00_optim_states.pt"), mmap=False)
     master = torch.arange(numel, dtype=torch.float32)
     states.update(module={"big.weight": master.view(4, -1).clone()}, buffer_names=[], frozen_param_shapes={},
-                  frozen_param_fragments={}, shared_params={}, param_shapes=[{"big.weight": torch.Size([4, numel // 4])}])
+                  frozen_param_fragments={}, shared_params={},
+                  param_shapes=[{"big.weight": torch.Size([4, numel // 4])}])
     os.makedirs(tag_dir)
     torch.save(states, os.path.join(tag_dir, "mp_rank_00_model_states.pt"))
     inner = {k: v for k, v in optim["optimizer_state_dict"].items() if k not in ("loss_scaler", "param_slice_mappings")}

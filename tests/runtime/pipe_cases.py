@@ -136,8 +136,8 @@ def pipe_config(dp, micro_batches, zero_stage=0, clip=CLIP, bf16=False, fp16=Fal
         cfg["pipeline"] = {"extra_warmup": extra_warmup}
     if bf16:
         cfg["bf16"] = {"enabled": True}
-    if fp16:
-        cfg["fp16"] = {"enabled": True}
+    if fp16:  # True, or the fp16 section's keys
+        cfg["fp16"] = {"enabled": True, **(fp16 if isinstance(fp16, dict) else {})}
     return cfg
 
 

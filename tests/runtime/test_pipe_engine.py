@@ -6,6 +6,7 @@ clip threshold). Plus the pure planning pieces: partitions, topology, ZeRO-1 own
 
 Every case of one world size runs inside one job (spawning per case would cost seconds each).
 """
+import math
 import os
 import sys
 
@@ -119,7 +120,7 @@ def _world2(rank, world, ckpt_dir):
                          None if mean_out is None else tuple(mean_out.shape))
     with pytest.raises(PipelineError, match="Only train_batch"):
         engine(data[0][0][0][0])
-    for bad, where in (({"zero_stage": 2}, "zero_optimization.stage"), ({"bf16": False, "fp16": True}, "fp16"),
+    for bad, where in (({"zero_stage": 2}, "zero_optimization.stage"),
                        ({"extra_warmup": 1, "num_chunks": 2}, "pipeline.extra_warmup")):
         with pytest.raises(ConfigError, match=where):
             pc.make_engine(pc.mlp_specs(), 2, 1, 4, **bad)
@@ -145,6 +146,30 @@ def _world2(rank, world, ckpt_dir):
     engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4, bf16=True)
     engine.set_batch_fn(lambda batch: tuple(t.to(torch.bfloat16) for t in batch))  # inputs are never cast
     out["bf16"] = (pc.train_steps(engine, data), {n: p.dtype for n, p in engine.module.named_parameters()})
+    out.update(_fp16_cases(data, os.path.join(ckpt_dir, "fp16")))
+    return out
+
+
+def _fp16_cases(data, ckpt_dir):
+    """fp16 with a loss scale that fits (trains as fp32 does) and one that overflows every step (each
+    step skipped on every stage, the scale halved each time), saved and reloaded."""
+    def half(batch):
+        return tuple(t.half() for t in batch)
+    out = {}
+    engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4, fp16={"initial_scale_power": 8})
+    engine.set_batch_fn(half)
+    out["fp16"] = (pc.train_steps(engine, data), {n: p.dtype for n, p in engine.module.named_parameters()},
+                   engine.skipped_steps, engine.loss_scaler.loss_scale)
+    engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4, fp16={"initial_scale_power": 40, "hysteresis": 1})
+    engine.set_batch_fn(half)
+    before = pc.stage_weights(engine)
+    losses = pc.train_steps(engine, data)
+    unchanged = all(torch.equal(before[n], w) for n, w in pc.stage_weights(engine).items())
+    engine.save_checkpoint(ckpt_dir)
+    reloaded = pc.make_engine(pc.mlp_specs(), 2, 1, 4, fp16={"initial_scale_power": 8})
+    reloaded.load_checkpoint(ckpt_dir)
+    out["fp16_overflow"] = (losses, unchanged, engine.skipped_steps, engine.global_steps, engine.loss_scaler.loss_scale,
+                            reloaded.loss_scaler.loss_scale, reloaded.skipped_steps)
     return out
 
 
@@ -288,6 +313,25 @@ def test_checkpoint_at_four_stages_reloads_at_two(world4, world2, ckpt_dir):
     _assert_close(_merged(world2, "reload"), _merged(world4, "four"))
 
 
+def test_fp16_trains_with_loss_scaling(world2):
+    ref_losses, _, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4))
+    for r in world2:
+        losses, dtypes, skipped, scale = r["fp16"]
+        assert losses == pytest.approx(ref_losses, rel=5e-3)
+        assert set(dtypes.values()) == {torch.float16} and skipped == 0 and scale == 2.0 ** 8
+
+
+def test_fp16_overflow_skips_the_step_on_every_stage(world2):
+    """Scaled by 2^40 every fp16 gradient overflows: each step is skipped on both stages (weights
+    unchanged, the step still counted), the scale halves per step (hysteresis 1), and a checkpoint carries
+    the scale and the skip count."""
+    for r in world2:
+        losses, unchanged, skipped, steps, scale, reloaded_scale, reloaded_skipped = r["fp16_overflow"]
+        assert unchanged and skipped == steps == STEPS
+        assert scale == reloaded_scale == 2.0 ** (40 - STEPS) and reloaded_skipped == STEPS
+        assert all(math.isfinite(loss) for loss in losses)  # the forward is fp16 too; only gradients overflow
+
+
 def test_bf16_trains_with_fp32_accumulation(world2):
     ref_losses, _, _ = pc.reference_run(pc.mlp_specs(), pc.batches(STEPS, 1, 4))
     for r in world2:
@@ -305,10 +349,13 @@ from dsrun.pipe import LayerSpec, PipelineModule
 parser = argparse.ArgumentParser()
 parser.add_argument("--local_rank", type=int, default=0)
 parser.add_argument("--empty_last_stage", action="store_true")
+parser.add_argument("--dtype", default="float32", help="of the data: float16 or bfloat16 for those configs")
 dsrun.add_config_arguments(parser)
 args = parser.parse_args()
 g = torch.Generator().manual_seed(0)
 data = [(torch.randn(8, generator=g), torch.randn(3, generator=g)) for _ in range(32)]
+dtype = getattr(torch, args.dtype)
+data = [(x.to(dtype), y.to(dtype)) for x, y in data]
 layers = [LayerSpec(torch.nn.Linear, 8, 16), torch.nn.Tanh(), LayerSpec(torch.nn.Linear, 16, 3)]
 if args.empty_last_stage:
     layers = [LayerSpec(torch.nn.Linear, 8, 3), torch.nn.Tanh()]
@@ -316,19 +363,19 @@ model = PipelineModule(layers, num_stages=2, loss_fn=torch.nn.functional.mse_los
 engine, optimizer, loader, _ = dsrun.initialize(args=args, model=model, training_data=data)
 losses = [engine.train_batch().item() for _ in range(3)]
 evaluated = engine.eval_batch(iter(loader)).item()
-print(f"rank {engine.global_rank} stage {engine.stage_id} steps {engine.global_steps} losses {losses} eval {evaluated:.6f}",
-      flush=True)
+print(f"rank {engine.global_rank} stage {engine.stage_id} steps {engine.global_steps} losses {losses} "
+      f"eval {evaluated:.6f} skipped {engine.skipped_steps}", flush=True)
 """
 
 
-def _launch_train_script(tmp_path, *script_args, pipeline=None):
+def _launch_train_script(tmp_path, *script_args, pipeline=None, **sections):
     import json
     import subprocess
     (tmp_path / "train.py").write_text(TRAIN_SCRIPT)
     (tmp_path / "ds.json").write_text(json.dumps({
         "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 4, "gradient_clipping": 1.0,
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}}, "hang_watchdog": {"enabled": False},
-        **({"pipeline": pipeline} if pipeline else {})}))
+        **({"pipeline": pipeline} if pipeline else {}), **sections}))
     env = {k: v for k, v in os.environ.items() if k != "DS_ENV_FILE"}
     env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return subprocess.run([sys.executable, "-m", "dsrun.launcher.cli", "--num_gpus", "2", "train.py",
@@ -347,6 +394,39 @@ def test_pipeline_through_the_launcher(tmp_path, extra_warmup):
     reports = re.findall(r"rank (\d) stage (\d) steps 3 losses (\[.*?\]) eval (\S+)", done.stdout)
     assert sorted((r, s) for r, s, _, _ in reports) == [("0", "0"), ("1", "1")], done.stdout
     assert reports[0][2:] == reports[1][2:]
+
+
+def test_fp16_pipeline_through_the_launcher_reports_skipped_steps(tmp_path):
+    """A DeepSpeed fp16 config under dsrun: at a loss scale of 2^40 every step overflows and is skipped on
+    both stages (the weights stay: the evaluation after three steps gives the first step's loss), and the
+    user sees DeepSpeed's OVERFLOW line once per step, from rank 0, with the scale halving."""
+    import re
+    done = _launch_train_script(tmp_path, "--dtype", "float16", fp16={"enabled": True, "initial_scale_power": 40,
+                                                          "hysteresis": 1})
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    reports = re.findall(r"rank (\d) stage (\d) steps 3 losses \[(\S+?),.*?\] eval (\S+) skipped (\d)", done.stdout)
+    assert len(reports) == 2 and reports[0][2:] == reports[1][2:], out
+    first_loss, evaluated, skipped = reports[0][2:]
+    assert skipped == "3" and float(evaluated) == pytest.approx(float(first_loss), abs=1e-6), out
+    overflows = re.findall(r"\[rank (\d)\] step (\d): OVERFLOW! Skipping step\. Attempted loss scale: (\S+),", out)
+    assert overflows == [("0", "0", "1.09951e+12"), ("0", "1", "5.49756e+11"), ("0", "2", "2.74878e+11")], out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_pipeline_on_two_gpus(tmp_path, dtype):
+    """The launcher test on NCCL, in each precision: p2p of fp32/bf16/fp16 activations and gradients,
+    the loss scale on GPU; both ranks report the same losses, no step skipped."""
+    import re
+    sections = {"bfloat16": {"bf16": {"enabled": True}},
+                "float16": {"fp16": {"enabled": True, "initial_scale_power": 8}}}.get(dtype, {})
+    done = _launch_train_script(tmp_path, "--dtype", dtype, **sections)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0 and "backend nccl" in out, out
+    reports = re.findall(r"rank (\d) stage (\d) steps 3 losses (\[.*?\]) eval (\S+) skipped (\d)", done.stdout)
+    assert len(reports) == 2 and reports[0][2:] == reports[1][2:] and reports[0][4] == "0", out
 
 
 def test_a_stage_without_parameters_stops_the_launch_with_one_clear_error(tmp_path):
