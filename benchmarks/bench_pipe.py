@@ -213,7 +213,7 @@ def run_deepspeed(s, m, steps, device):
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(0)
     model = PipelineModule(layer_specs(LayerSpec, s), num_stages=STAGES[0], loss_fn=lm_loss, partition_method=PARTITION)
-    PARTS["deepspeed-1f1b"] = list(model.parts)
+    PARTS["deepspeed-1f1b"] = [int(b) for b in model.parts]  # numpy integers in DeepSpeed
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                       optimizer=lambda ps: make_optimizer(ps, device), config=pipe_config(s, m))
     data = batches(s)
