@@ -21,7 +21,6 @@ exits. ZeRO-1 without gradient accumulation reduces every backward (runtime/zero
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Any, Optional, Tuple
 
 import torch
@@ -59,30 +58,10 @@ class EngineCompat:
 
     # -- batch configuration -----------------------------------------------------------------------------
 
-    def get_batch_info(self) -> Tuple[int, int, int]:
-        """(train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps)."""
-        return self.train_batch_size(), self.train_micro_batch_size_per_gpu(), self.gradient_accumulation_steps()
-
-    def set_train_batch_size(self, train_batch_size: int) -> None:
-        """Change the global batch size by changing gradient accumulation steps (the micro batch stays).
-
-        Raises ValueError unless `train_batch_size` is a multiple of micro batch x data-parallel size."""
-        per_step = self.train_micro_batch_size_per_gpu() * self.dp_world_size
-        if train_batch_size % per_step != 0:
-            raise ValueError("Train batch size must be divisible by micro-batch data parallelism "
-                             f"({self.train_micro_batch_size_per_gpu()} x {self.dp_world_size})")
-        self._replace_batch(train_batch_size, self.train_micro_batch_size_per_gpu(), train_batch_size // per_step)
-
     def set_train_micro_batch_size(self, micro_batch_size: int) -> None:
         """Change the micro batch size, keeping gradient accumulation steps (the global batch follows)."""
         gas = self.gradient_accumulation_steps()
         self._replace_batch(micro_batch_size * gas * self.dp_world_size, micro_batch_size, gas)
-
-    def _replace_batch(self, train: int, micro: int, gas: int) -> None:
-        raw = dict(self.config.raw, train_batch_size=train, train_micro_batch_size_per_gpu=micro,
-                   gradient_accumulation_steps=gas)
-        self.config = dataclasses.replace(self.config, train_batch_size=train, train_micro_batch_size_per_gpu=micro,
-                                          gradient_accumulation_steps=gas, raw=raw)
 
     # -- config getters ----------------------------------------------------------------------------------
 

@@ -63,15 +63,13 @@ class PipelineEngine(ConfigQueries):
         self.micro_batches = config.gradient_accumulation_steps
         self.num_chunks = model.num_chunks
         self.extra_warmup = config.pipeline.extra_warmup  # [Note: extra warm-up] (schedule.py)
+        self.has_attention_mask = False  # DeepSpeed's flag (set_has_attention_mask)
         if self.extra_warmup and self.num_chunks > 1:
             raise ConfigError(f"pipeline.extra_warmup ({self.extra_warmup}) applies to 1F1B only; the interleaved "
                               f"schedule (num_chunks={self.num_chunks}) already warms up over every chunk, and "
                               "more made it slower on 2 H200 (RESULTS.md)", where="pipeline.extra_warmup",
                               hint="set it to 0, or build the PipelineModule with num_chunks=1")
-        if self.num_chunks > 1 and self.micro_batches % self.num_stages:
-            raise ConfigError(f"the interleaved schedule (num_chunks={self.num_chunks}) needs gradient_accumulation_steps "
-                              f"({self.micro_batches}) to be a multiple of the number of stages ({self.num_stages})",
-                              where="gradient_accumulation_steps")
+        self._check_micro_batches(self.micro_batches, where="gradient_accumulation_steps")
         from ..dist import local_rank
         self.local_rank = local_rank()
         if torch.cuda.is_available():
@@ -168,6 +166,39 @@ class PipelineEngine(ConfigQueries):
     def set_batch_fn(self, fn) -> None:
         """`fn(batch)` is applied to each loaded batch before it is split into inputs and labels."""
         self._batch_fn = fn
+
+    def set_has_attention_mask(self, value: bool) -> None:
+        """DeepSpeed's flag for a boolean attention mask as the last tensor between stages (Megatron-DeepSpeed
+        sets it). DeepSpeed needs it to cast the mask for NCCL; dsrun sends boolean tensors as they are, so
+        it is only recorded."""
+        if not isinstance(value, bool):
+            raise TypeError(f"set_has_attention_mask takes a bool, not {type(value).__name__}")
+        self.has_attention_mask = value
+
+    def get_pipeline_parallel_rank(self) -> int:
+        return self.stage_id
+
+    def set_train_batch_size(self, train_batch_size: int) -> None:
+        """More or fewer micro-batches per batch for the same micro-batch size (DeepSpeed's method); the next
+        train_batch runs the new number."""
+        before = self.config
+        super().set_train_batch_size(train_batch_size)
+        try:
+            self._check_micro_batches(self.gradient_accumulation_steps(), where="set_train_batch_size")
+        except ConfigError:
+            self.config = before
+            raise
+        self.micro_batches = self.gradient_accumulation_steps()
+
+    def _check_micro_batches(self, micro_batches: int, *, where: str) -> None:
+        if self.num_chunks > 1 and micro_batches % self.num_stages:
+            raise ConfigError(f"the interleaved schedule (num_chunks={self.num_chunks}) needs gradient_accumulation_steps "
+                              f"({micro_batches}) to be a multiple of the number of stages ({self.num_stages})",
+                              where=where)
+
+    def get_additional_losses(self):
+        """DeepSpeed's extra losses of MoE layers; none here (dsrun's pipeline has no MoE)."""
+        return None
 
     def reset_activation_shape(self) -> None:
         """Exchange activation shapes again before the next send (call on every rank)."""

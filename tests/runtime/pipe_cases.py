@@ -42,10 +42,11 @@ def tied_specs():
 
 
 class Pack(torch.nn.Module):
-    """x -> (x, a float mask that needs no gradient, an int64 tensor): what crosses stages as a tuple."""
+    """x -> (x, a float mask that needs no gradient, an int64 tensor, a boolean mask last, as
+    Megatron-DeepSpeed's attention mask): what crosses stages as a tuple."""
 
     def forward(self, x):
-        return x, (x > 0).float(), torch.arange(x.shape[0])
+        return x, (x > 0).float(), torch.arange(x.shape[0]), x < -0.5
 
 
 class MaskedLinear(torch.nn.Module):
@@ -54,13 +55,14 @@ class MaskedLinear(torch.nn.Module):
         self.lin = torch.nn.Linear(WIDTH, WIDTH)
 
     def forward(self, inputs):
-        x, mask, rows = inputs
-        return torch.tanh(self.lin(x)) * (1 + mask), mask, rows
+        x, mask, rows, keep = inputs
+        out = torch.tanh(self.lin(x)) * (1 + mask)
+        return torch.where(keep, out, 0.5 * out), mask, rows, keep
 
 
 class Unpack(torch.nn.Module):
     def forward(self, inputs):
-        x, _, rows = inputs
+        x, _, rows, _ = inputs
         return x + rows.float()[:, None] * 0.01
 
 

@@ -138,8 +138,10 @@ def _world2(rank, world, ckpt_dir):
     eval_loss = engine.eval_batch(iter(data[0][0])).item()
     losses += pc.train_steps(engine, data[1:])
     out["interleaved"] = (losses, pc.stage_weights(engine), eval_loss, engine.module.parts)
-    engine = pc.make_engine(pc.tuple_specs(), 2, 1, 2)  # tuples between stages: float no-grad and int64 parts
+    engine = pc.make_engine(pc.tuple_specs(), 2, 1, 2)  # tuples: float no-grad, int64 and bool (mask) parts
+    engine.set_has_attention_mask(True)  # Megatron-DeepSpeed's call: accepted, nothing to cast here
     out["tuple"] = (pc.train_steps(engine, tied_data), pc.stage_weights(engine))
+    out["batch_size"] = _rebatched(data)
     one_data = pc.batches(STEPS, 2, 2)
     engine = pc.make_engine(pc.mlp_specs(), 1, 2, 2)  # one stage, two data-parallel ranks
     out["one"] = (pc.train_steps(engine, one_data), pc.stage_weights(engine))
@@ -148,6 +150,24 @@ def _world2(rank, world, ckpt_dir):
     out["bf16"] = (pc.train_steps(engine, data), {n: p.dtype for n, p in engine.module.named_parameters()})
     out.update(_fp16_cases(data, os.path.join(ckpt_dir, "fp16")))
     return out
+
+
+def _rebatched(data):
+    """set_train_batch_size on a running engine (DeepSpeed's method): the next batch runs the new number of
+    micro-batches; bad sizes are refused and change nothing."""
+    engine = pc.make_engine(pc.mlp_specs(), 2, 1, 4)
+    pc.train_steps(engine, data[:1])
+    engine.set_train_batch_size(pc.MICRO * 2)
+    two = engine.train_batch(iter(data[1][0][:2])).item()  # exactly two micro-batches: a third would fail
+    with pytest.raises(ValueError, match="divisible"):
+        engine.set_train_batch_size(pc.MICRO * 2 + 1)
+    interleaved = pc.make_engine(pc.mlp_specs(), 2, 1, 4, num_chunks=2)
+    with pytest.raises(ConfigError, match="multiple of the number of stages"):
+        interleaved.set_train_batch_size(pc.MICRO * 3)
+    with pytest.raises(TypeError):
+        engine.set_has_attention_mask("yes")
+    return (engine.micro_batches, engine.get_batch_info(), interleaved.micro_batches, interleaved.train_batch_size(),
+            engine.get_pipeline_parallel_rank() == engine.stage_id, math.isfinite(two))
 
 
 def _fp16_cases(data, ckpt_dir):
@@ -311,6 +331,11 @@ def test_checkpoint_at_four_stages_reloads_at_two(world4, world2, ckpt_dir):
         assert client == {"note": "four"} and steps == STEPS
         assert losses == pytest.approx(world4[0]["four"][0][2:], rel=1e-5)
     _assert_close(_merged(world2, "reload"), _merged(world4, "four"))
+
+
+def test_set_train_batch_size_and_deepspeed_engine_methods(world2):
+    for r in world2:
+        assert r["batch_size"] == (2, (pc.MICRO * 2, pc.MICRO, 2), 4, pc.MICRO * 4, True, True)
 
 
 def test_fp16_trains_with_loss_scaling(world2):
