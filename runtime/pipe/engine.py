@@ -6,7 +6,8 @@
 A batch is a schedule (schedule.py: instructions as data) run by `_run`, which dispatches each
 instruction on its op through `_DISPATCH`: the engine has no state machine beyond the buffers of the
 batch in flight, which start empty and end empty, so train and eval batches interleave freely.
-Buffers are keyed by micro-batch id (the schedules bound how many are alive at once).
+Buffers are keyed by micro-batch id (the schedules bound how many are alive at once). DeepSpeed's other
+engine methods (stage queries, data sources, batch re-sizing, checkpoints) are in surface.py.
 
 Composition order ([Note: composition order] in runtime/compose.py, applied to the stage's module):
 placement on the device, tied weights synchronised from their lowest stage, the optimizer (the client's
@@ -38,6 +39,7 @@ from dsrun.errors import ConfigError, UsageError
 from ..config.policies import torch_dtype
 from ..config_queries import ConfigQueries
 from .p2p import StageP2P
+from .surface import PipelineError, PipelineSurface
 from .schedule import InferenceSchedule, InterleavedInferenceSchedule, InterleavedTrainSchedule, TrainSchedule
 
 __all__ = ["PipelineEngine", "PipelineError"]
@@ -45,11 +47,7 @@ __all__ = ["PipelineEngine", "PipelineError"]
 log = logging.getLogger("dsrun")
 
 
-class PipelineError(Exception):
-    """Errors related to the use of the pipeline engine (DeepSpeed's class)."""
-
-
-class PipelineEngine(ConfigQueries):
+class PipelineEngine(PipelineSurface, ConfigQueries):
     """See the module docstring. Built by `dsrun.initialize`; every rank of the world builds one."""
 
     def __init__(self, *, model, config, optimizer=None, model_parameters=None, lr_scheduler=None,
@@ -145,91 +143,6 @@ class PipelineEngine(ConfigQueries):
             raise ConfigError("offload is not supported with pipeline parallelism",
                               where="zero_optimization.offload_optimizer", hint="remove the offload sections")
 
-    # -- DeepSpeed's surface ---------------------------------------------------------------------------
-
-    def is_first_stage(self) -> bool:
-        return self.stage_id == 0
-
-    def is_last_stage(self) -> bool:
-        return self.stage_id == self.num_stages - 1
-
-    def set_dataiterator(self, iterator) -> None:
-        """Where train_batch() takes micro-batches from (used by the first and last stages only)."""
-        if self.is_first_stage() or self.is_last_stage():
-            self.data_iterator = iterator
-
-    def set_dataloader(self, loader) -> None:
-        if self.is_first_stage() or self.is_last_stage():
-            from ..utils import RepeatingLoader
-            self.data_iterator = iter(RepeatingLoader(loader))
-
-    def set_batch_fn(self, fn) -> None:
-        """`fn(batch)` is applied to each loaded batch before it is split into inputs and labels."""
-        self._batch_fn = fn
-
-    def set_has_attention_mask(self, value: bool) -> None:
-        """DeepSpeed's flag for a boolean attention mask as the last tensor between stages (Megatron-DeepSpeed
-        sets it). DeepSpeed needs it to cast the mask for NCCL; dsrun sends boolean tensors as they are, so
-        it is only recorded."""
-        if not isinstance(value, bool):
-            raise TypeError(f"set_has_attention_mask takes a bool, not {type(value).__name__}")
-        self.has_attention_mask = value
-
-    def get_pipeline_parallel_rank(self) -> int:
-        return self.stage_id
-
-    def set_train_batch_size(self, train_batch_size: int) -> None:
-        """More or fewer micro-batches per batch for the same micro-batch size (DeepSpeed's method); the next
-        train_batch runs the new number."""
-        before = self.config
-        super().set_train_batch_size(train_batch_size)
-        try:
-            self._check_micro_batches(self.gradient_accumulation_steps(), where="set_train_batch_size")
-        except ConfigError:
-            self.config = before
-            raise
-        self.micro_batches = self.gradient_accumulation_steps()
-
-    def _check_micro_batches(self, micro_batches: int, *, where: str) -> None:
-        if self.num_chunks > 1 and micro_batches % self.num_stages:
-            raise ConfigError(f"the interleaved schedule (num_chunks={self.num_chunks}) needs gradient_accumulation_steps "
-                              f"({micro_batches}) to be a multiple of the number of stages ({self.num_stages})",
-                              where=where)
-
-    def get_additional_losses(self):
-        """DeepSpeed's extra losses of MoE layers; none here (dsrun's pipeline has no MoE)."""
-        return None
-
-    def reset_activation_shape(self) -> None:
-        """Exchange activation shapes again before the next send (call on every rank)."""
-        self.p2p.reset()
-
-    def forward(self, *args, **kwargs):
-        raise PipelineError("Only train_batch() is accessible in pipeline mode.")
-
-    __call__ = forward
-
-    def backward(self, *args, **kwargs):
-        raise PipelineError("Only train_batch() is accessible in pipeline mode.")
-
-    def step(self, *args, **kwargs):
-        raise PipelineError("Only train_batch() is accessible in pipeline mode.")
-
-    def is_gradient_accumulation_boundary(self) -> bool:
-        return self._boundary
-
-    def get_lr(self):
-        return [g["lr"] for g in self.optimizer.param_groups]
-
-    def get_global_grad_norm(self) -> Optional[float]:
-        return self.stage_optimizer.grad_norm
-
-    def bfloat16_enabled(self) -> bool:
-        return self.config.precision.param_dtype == "bf16"
-
-    def fp16_enabled(self) -> bool:
-        return self.config.precision.param_dtype == "fp16"
-
     def _check_every_stage_trains(self, model) -> None:
         """Every rank learns which stages hold no trainable parameter and all stop with one clear error
         (collective: a stage failing alone in its optimizer's constructor left the others waiting)."""
@@ -246,13 +159,6 @@ class PipelineEngine(ConfigQueries):
                              f"optimizer would have nothing to step",
                              hint="partition with partition_method='parameters' or 'type:<layer class>', or use "
                                   "fewer stages")
-
-    def train(self, mode: bool = True):
-        self.module.train(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
 
     # -- batches ---------------------------------------------------------------------------------------
 
@@ -480,23 +386,6 @@ class PipelineEngine(ConfigQueries):
         self.global_steps += 1
         self.global_samples += self.train_batch_size()
         self.micro_steps += self.micro_batches
-
-    # -- checkpoints (checkpoint.py) ---------------------------------------------------------------------
-
-    def save_checkpoint(self, save_dir, tag=None, client_state=None, save_latest=True, **kwargs):
-        """Per-layer files plus engine and optimizer state (checkpoint.py). Collective."""
-        from .checkpoint import save
-        return save(self, save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest)
-
-    def load_checkpoint(self, load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
-                        load_lr_scheduler_states=True, **kwargs):
-        """Returns (path, client_state), or (None, None) when there is nothing to load. Collective."""
-        from .checkpoint import load
-        return load(self, load_dir, tag=tag, strict=load_module_strict, load_optimizer_states=load_optimizer_states,
-                    load_lr_scheduler_states=load_lr_scheduler_states)
-
-    def module_state_dict(self) -> dict:
-        return self.module.state_dict()
 
     def destroy(self) -> None:
         self.monitor.close()
