@@ -3,8 +3,8 @@ backward, under the RNG states of the forward (rng.py).
 
 Two forms, the same results:
 - reentrant (DeepSpeed's default, `use_reentrant=True`): an autograd Function. Only the tensor inputs are
-  saved; with `cpu_checkpointing` they are saved as CPU copies (moved back to their device for the
-  recompute), with `partition_activations` and a model-parallel world > 1 each rank saves only its
+  saved; with `cpu_checkpointing` they are saved as host copies (on a GPU pinned and copied out and back
+  on a copy stream, the next one prefetched: host.py), moved back to their device for the recompute; with `partition_activations` and a model-parallel world > 1 each rank saves only its
   1/mp slice (all-gathered over the model-parallel group for the recompute).
 - non-reentrant (`use_reentrant=False`, or `non_reentrant_checkpoint`): torch.utils.checkpoint with
   use_reentrant=False, plus the model-parallel tracker's states. It keeps the inputs as they are:
@@ -25,6 +25,7 @@ from typing import Any, Callable, List, Optional
 import torch
 import torch.distributed as dist
 
+from .host import HostCopy
 from .rng import capture_rng_states, rng_states_of
 from .settings import SETTINGS
 
@@ -40,7 +41,10 @@ def _sync() -> None:
 
 
 class _Saved:
-    """How one tensor input is kept until backward: as is, as a CPU copy, or as this rank's slice."""
+    """How one tensor input is kept until backward: as is, as a host copy, or as this rank's slice.
+    `to_save()` is what the autograd Function saves for backward (the only reference kept: an attribute
+    of the node would keep every checkpoint's input alive until the whole graph is freed, not only until
+    its own backward); `restore(saved)` gives the input back on its device."""
 
     def __init__(self, tensor: torch.Tensor):
         self.shape, self.device, self.requires_grad = tensor.shape, tensor.device, tensor.requires_grad
@@ -48,14 +52,23 @@ class _Saved:
         self.partitioned = SETTINGS.partitions()
         if self.partitioned:
             data = _my_slice(data, SETTINGS.mpu)
-        if SETTINGS.cpu_checkpointing and data.device.type != "cpu":
+        self.host: Optional[HostCopy] = None
+        if SETTINGS.cpu_checkpointing and data.device.type == "cuda":
+            self.host = HostCopy(data)  # asynchronous, pinned ([Note: host checkpoints] in host.py)
+            data = self.host.host
+        elif SETTINGS.cpu_checkpointing and data.device.type != "cpu":
             data = data.to("cpu")
         elif self.partitioned:
             data = data.clone()  # the slice is a view: keep only its own storage alive
-        self.stored = data
+        self._data: Optional[torch.Tensor] = data
 
-    def restore(self, stored: torch.Tensor) -> torch.Tensor:
-        data = stored.to(self.device)
+    def to_save(self) -> torch.Tensor:
+        data, self._data = self._data, None
+        return data
+
+    def restore(self, saved: torch.Tensor) -> torch.Tensor:
+        data = self.host.restore() if self.host is not None else saved.to(self.device)
+        self.host = None
         if self.partitioned:
             data = _gather(data, SETTINGS.mpu, self.shape)
         return data.detach().requires_grad_(self.requires_grad)
@@ -89,7 +102,7 @@ class _ReentrantCheckpoint(torch.autograd.Function):
         ctx.tensor_slots = [i for i, a in enumerate(args) if torch.is_tensor(a)]
         ctx.plain_args = [None if torch.is_tensor(a) else a for a in args]
         ctx.saved = [_Saved(args[i]) for i in ctx.tensor_slots]
-        ctx.save_for_backward(*[s.stored for s in ctx.saved])
+        ctx.save_for_backward(*[s.to_save() for s in ctx.saved])
         with torch.no_grad():
             outputs = run_function(*args)
         outs = outputs if isinstance(outputs, tuple) else (outputs,)
