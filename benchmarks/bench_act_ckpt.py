@@ -3,6 +3,7 @@
 Contenders (bf16 module, forward + backward of one micro-batch, no optimizer; every block wrapped the same way):
   none              no checkpointing
   torch             torch.utils.checkpoint(use_reentrant=False) per block
+  torch-reentrant   torch.utils.checkpoint(use_reentrant=True) per block (the form DeepSpeed's default matches)
   dsrun             dsrun.checkpointing.checkpoint per block (DeepSpeed's default, reentrant form)
   dsrun-nonreentrant  dsrun.checkpointing.checkpoint(..., use_reentrant=False)
   dsrun-cpu         dsrun's reentrant form with `cpu_checkpointing` (saved block inputs kept in host memory)
@@ -27,7 +28,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 from b3_model import LlamaLM, ModelShape  # noqa: E402
 
-MODES = ("none", "torch", "dsrun", "dsrun-nonreentrant", "dsrun-cpu")
+MODES = ("none", "torch", "torch-reentrant", "dsrun", "dsrun-nonreentrant", "dsrun-cpu")
 
 
 def wrap(model, mode):
@@ -39,6 +40,8 @@ def wrap(model, mode):
         forward = block.forward
         if mode == "torch":
             block.forward = functools.partial(torch_ckpt, forward, use_reentrant=False)
+        elif mode == "torch-reentrant":
+            block.forward = functools.partial(torch_ckpt, forward, use_reentrant=True)
         elif mode in ("dsrun", "dsrun-cpu"):
             block.forward = functools.partial(ds_ckpt.checkpoint, forward)
         elif mode == "dsrun-nonreentrant":
