@@ -90,11 +90,12 @@ class PipelineEngine(PipelineSurface, ConfigQueries):
         self.stage_optimizer = StageOptimizer(model, opt, param_dtype=torch_dtype(config.precision.param_dtype),
                                               grid=self.grid, shard_optimizer_state=config.sharding.optimizer_state,
                                               comm=self.comm)
-        self.optimizer = opt
         from ..compose import apply_precision
         # fp16: the last stage scales the loss; the step unscales and skips on overflow ([Note: pipeline fp16])
         self.loss_scaler, self._check_overflow = apply_precision(config=config)
-        self.skipped_steps = 0
+        self.skipped_steps, self._step_applied = 0, False
+        from ..engine_compat import optimizer_view
+        self.optimizer = optimizer_view(opt, self)  # DeepSpeed's wrapper attributes: cur_scale, overflow, ...
         self.lr_scheduler = apply_scheduler(client=lr_scheduler, optimizer=opt, config=config)
         self.training_dataloader = apply_data(training_data=training_data, config=config,
                                               group=self.grid.get_data_parallel_group(), collate_fn=collate_fn)
@@ -381,6 +382,7 @@ class PipelineEngine(PipelineSurface, ConfigQueries):
                 if self.global_rank == 0:
                     log.warning("step %d: %s (grad norm %s)", self.global_steps, message,
                                 self.stage_optimizer.grad_norm)
+        self._step_applied = applied
         if applied and self.lr_scheduler is not None:
             self.lr_scheduler.step()
         self.global_steps += 1

@@ -86,6 +86,10 @@ class PipelineSurface:
     def step(self, *args, **kwargs):
         raise PipelineError("Only train_batch() is accessible in pipeline mode.")
 
+    def was_step_applied(self) -> bool:
+        """Whether the last train_batch updated the weights (False after an fp16 overflow)."""
+        return self._step_applied
+
     def is_gradient_accumulation_boundary(self) -> bool:
         return self._boundary
 

@@ -188,8 +188,10 @@ def _fp16_cases(data, ckpt_dir):
     engine.save_checkpoint(ckpt_dir)
     reloaded = pc.make_engine(pc.mlp_specs(), 2, 1, 4, fp16={"initial_scale_power": 8})
     reloaded.load_checkpoint(ckpt_dir)
+    view = engine.optimizer  # DeepSpeed's wrapper attributes
     out["fp16_overflow"] = (losses, unchanged, engine.skipped_steps, engine.global_steps, engine.loss_scaler.loss_scale,
-                            reloaded.loss_scaler.loss_scale, reloaded.skipped_steps)
+                            reloaded.loss_scaler.loss_scale, reloaded.skipped_steps,
+                            (view.overflow, view.cur_scale, isinstance(view, torch.optim.Adam), engine.was_step_applied()))
     return out
 
 
@@ -351,7 +353,8 @@ def test_fp16_overflow_skips_the_step_on_every_stage(world2):
     unchanged, the step still counted), the scale halves per step (hysteresis 1), and a checkpoint carries
     the scale and the skip count."""
     for r in world2:
-        losses, unchanged, skipped, steps, scale, reloaded_scale, reloaded_skipped = r["fp16_overflow"]
+        losses, unchanged, skipped, steps, scale, reloaded_scale, reloaded_skipped, view = r["fp16_overflow"]
+        assert view == (True, scale, True, False)  # engine.optimizer.overflow / cur_scale, as DeepSpeed's
         assert unchanged and skipped == steps == STEPS
         assert scale == reloaded_scale == 2.0 ** (40 - STEPS) and reloaded_skipped == STEPS
         assert all(math.isfinite(loss) for loss in losses)  # the forward is fp16 too; only gradients overflow
