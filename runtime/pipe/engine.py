@@ -39,8 +39,8 @@ from dsrun.errors import ConfigError, UsageError
 from ..config.policies import torch_dtype
 from ..config_queries import ConfigQueries
 from .p2p import StageP2P
-from .surface import PipelineError, PipelineSurface
 from .schedule import InferenceSchedule, InterleavedInferenceSchedule, InterleavedTrainSchedule, TrainSchedule
+from .surface import PipelineError, PipelineSurface
 
 __all__ = ["PipelineEngine", "PipelineError"]
 
