@@ -94,6 +94,11 @@ def _world4(rank, world, ckpt_dir):
     out["2x2"] = (pc.train_steps(engine, data), pc.stage_weights(engine), engine.get_global_grad_norm(),
                   sum(v.numel() for st in engine.optimizer.state.values() for v in st.values() if v.dim() > 0),
                   sum(p.numel() for p in engine.module.parameters()))
+    # fp16 with ZeRO-1 over data parallelism: at 2^18 (hysteresis 1) the first steps overflow, then it trains
+    engine = pc.make_engine(pc.mlp_specs(), 2, 2, 2, zero_stage=1, fp16={"initial_scale_power": 18, "hysteresis": 1})
+    engine.set_batch_fn(lambda batch: tuple(t.half() for t in batch))
+    out["2x2-fp16"] = (pc.train_steps(engine, data), pc.stage_weights(engine), engine.skipped_steps,
+                       engine.loss_scaler.loss_scale)
     engine = pc.make_engine(pc.mlp_specs(), 2, 2, 2, num_chunks=2)  # interleaved with data parallelism
     out["2x2-interleaved"] = (pc.train_steps(engine, data), pc.stage_weights(engine))
     engine = pc.make_engine(pc.mlp_specs(), 4, 1, 4, extra_warmup=2)  # ordered 1F1B, two more warm-up forwards
@@ -264,6 +269,16 @@ def test_two_by_two_zero1_matches_sequential(world4):
     for stage in (0, 1):  # ZeRO-1: the two data-parallel ranks of a stage split its Adam state (2 per element)
         (_, _, _, state_a, numel), (_, _, _, state_b, _) = (world4[2 * stage]["2x2"], world4[2 * stage + 1]["2x2"])
         assert state_a + state_b == 2 * numel and 0 < state_a < 2 * numel
+
+
+def test_two_by_two_zero1_fp16_skips_together(world4):
+    """Every rank of every stage skips the same overflowing steps, then the data-parallel replicas stay
+    equal (ZeRO-1 publishes each owner's update)."""
+    skipped = {(r["2x2-fp16"][2], r["2x2-fp16"][3]) for r in world4}
+    assert len(skipped) == 1 and 1 <= next(iter(skipped))[0] < STEPS, skipped  # some skipped, some trained
+    for stage in (0, 1):
+        a, b = world4[2 * stage]["2x2-fp16"][1], world4[2 * stage + 1]["2x2-fp16"][1]
+        assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_two_by_two_interleaved_matches_sequential(world4):
