@@ -1,6 +1,6 @@
 """Pipeline parallelism on the B3 model, 2 GPUs: per-GPU throughput side by side in one run.
 
-Contenders (bf16 module, AdamW(fused) on fp32 masters, gradient clipping 1.0, the same layer objects):
+Contenders (bf16 module, or fp16 with --fp16; AdamW(fused) on fp32 masters, gradient clipping 1.0, the same layers):
   unpipelined          the whole model on one GPU (each rank runs it alone), M micro-batches then a step
   dsrun-1f1b           dsrun's PipelineEngine, S stages (S = ranks: 2 or 4), 1F1B, m = 4, 8, 16
   dsrun-1f1b-xw1/xw2   the same with `pipeline.extra_warmup` 1 or 2 ([Note: extra warm-up] in schedule.py)
@@ -43,6 +43,9 @@ PARTS = {}  # contender -> layer boundaries it used, reported with the table
 # dsrun's contenders: (name, model chunks, pipeline.extra_warmup); [Note: extra warm-up] in schedule.py
 DSRUN = (("dsrun-1f1b", 1, 0), ("dsrun-1f1b-xw1", 1, 1), ("dsrun-1f1b-xw2", 1, 2), ("dsrun-interleaved", 2, 0))
 STAGES = [2]  # pipeline stages = ranks (set in main)
+# --fp16: fp16 weights and a loss scale of 2^8 (dynamic in both engines, static in the unpipelined loop; no
+# overflow at that scale on B3, so no contender skips a step); default bf16
+PRECISION = {"dtype": torch.bfloat16, "name": "bf16", "scale": 1.0}
 
 
 class EmbedPipe(nn.Module):
@@ -149,7 +152,7 @@ def timed(run_batch, steps, device):
 
 def run_unpipelined(s, m, steps, device):
     torch.manual_seed(0)
-    layers = nn.Sequential(*(spec.build() for spec in layer_specs(_Spec, s))).to(device, torch.bfloat16)
+    layers = nn.Sequential(*(spec.build() for spec in layer_specs(_Spec, s))).to(device, PRECISION["dtype"])
     masters = [p.detach().float().clone().requires_grad_(False) for p in layers.parameters()]
     opt = make_optimizer(masters, device)
     data = batches(s)
@@ -159,11 +162,11 @@ def run_unpipelined(s, m, steps, device):
         for _ in range(m):
             tokens, targets = (to_device(t, device) for t in next(data))
             loss = lm_loss(layers(tokens), targets) / m
-            loss.backward()
+            (loss * PRECISION["scale"]).backward()
             total += loss.detach()
         params = list(layers.parameters())
         for p, master in zip(params, masters):
-            master.grad = p.grad.float()
+            master.grad = p.grad.float() / PRECISION["scale"]
             p.grad = None
         torch.nn.utils.clip_grad_norm_(masters, 1.0)
         opt.step()
@@ -189,7 +192,8 @@ class _Spec:
 def pipe_config(s, m):
     return {"train_batch_size": s.micro_batch * m, "train_micro_batch_size_per_gpu": s.micro_batch,
             "gradient_accumulation_steps": m, "gradient_clipping": 1.0, "steps_per_print": 10 ** 9,
-            "bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}
+            PRECISION["name"]: {"enabled": True, **({"initial_scale_power": 8} if PRECISION["name"] == "fp16" else {})},
+            "zero_optimization": {"stage": 0}}
 
 
 def run_dsrun(s, m, chunks, steps, device, extra_warmup=0):
@@ -234,11 +238,14 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--shape", default=None, help="d,L,H,ffn,V,seq,mb (default: B3 with micro-batch 4)")
     p.add_argument("--results", default=None)
+    p.add_argument("--fp16", action="store_true", help="fp16 weights with loss scaling instead of bf16")
     p.add_argument("--only", default="", help="comma-separated contenders to run (default: all)")
     p.add_argument("--profile", default=None, help="directory: each rank writes a chrome trace of one batch per "
                    "contender (read it with trace_gaps.py)")
     args = p.parse_args()
     PROFILE["dir"] = args.profile
+    if args.fp16:
+        PRECISION.update(dtype=torch.float16, name="fp16", scale=2.0 ** 8)
     only = set(filter(None, args.only.split(",")))
 
     def wanted(name):
@@ -313,7 +320,8 @@ def report(args, shape, rows, base, device, have_ds):
         f"- machine: 2 x {machine}; {versions}",
         f"- command: `{cmd.strip()}`",
         f"- model: d={shape.dim} L={shape.layers} H={shape.heads} ffn={shape.ffn} V={shape.vocab} seq={shape.seq} "
-        f"micro-batch {shape.micro_batch}; bf16 weights, fp32 masters, AdamW, clipping 1.0; median of {args.steps} "
+        f"micro-batch {shape.micro_batch}; {PRECISION['name']} weights, fp32 masters, AdamW, clipping 1.0; "
+        f"median of {args.steps} "
         f"batches after 2 warm-up",
         f"- partition `{PARTITION}` (layer 0 embedding, 1..{shape.layers} blocks, {shape.layers + 1} head); boundaries: "
         + "; ".join(f"{k} {v}" for k, v in PARTS.items()), "",
