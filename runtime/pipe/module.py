@@ -67,6 +67,18 @@ def _get_attr(module: torch.nn.Module, dotted: str):
     return module
 
 
+def _check_tied_attrs(spec: "TiedLayerSpec", module: torch.nn.Module) -> torch.nn.Module:
+    """Each `tied_weight_attr` of a freshly built tied module names one of its parameters; else a UsageError
+    naming the key, the module and the parameters it has (DeepSpeed fails later with a bare AttributeError)."""
+    names = dict(module.named_parameters())
+    for attr in spec.tied_weight_attr:
+        if attr not in names:
+            from dsrun.errors import UsageError
+            raise UsageError(f"TiedLayerSpec {spec.key!r}: {type(module).__name__} has no parameter {attr!r} to tie "
+                             f"(tied_weight_attr)", hint="its parameters: " + (", ".join(names) or "none"))
+    return module
+
+
 class PipelineModule(torch.nn.Module):
     """DeepSpeed's `PipelineModule` (see the module docstring). Collective: every rank of the world
     constructs it (process groups are created, [Note: deterministic group creation] in topology.py).
@@ -173,7 +185,7 @@ class PipelineModule(torch.nn.Module):
                 self._seed(self.base_seed + idx)
             if isinstance(layer, TiedLayerSpec):
                 if layer.key not in self.tied_modules:
-                    self.tied_modules[layer.key] = layer.build()
+                    self.tied_modules[layer.key] = _check_tied_attrs(layer, layer.build())
                     self.tied_weight_attrs[layer.key] = layer.tied_weight_attr
                 module = self.tied_modules[layer.key]
                 self.forward_funcs.append(functools.partial(layer.forward_fn, module) if layer.forward_fn else module)

@@ -132,6 +132,12 @@ def _world2(rank, world, ckpt_dir):
     from dsrun.pipe import LayerSpec
     with pytest.raises(UsageError, match=r"stage 1 \(layers 1-1\) holds no trainable parameter"):  # on every rank
         pc.make_engine([LayerSpec(torch.nn.Linear, pc.WIDTH, pc.WIDTH), LayerSpec(pc.Scale)], 2, 1, 2)
+    from dsrun.pipe import TiedLayerSpec
+    bad_tie = [TiedLayerSpec("embed", torch.nn.Linear, pc.WIDTH, pc.WIDTH, bias=False, tied_weight_attr="kernel"),
+               *pc.tied_specs()[1:-1], TiedLayerSpec("embed", torch.nn.Linear, pc.WIDTH, pc.WIDTH, bias=False,
+                                                     tied_weight_attr="kernel", forward_fn=pc._transposed)]
+    with pytest.raises(UsageError, match=r"TiedLayerSpec 'embed': Linear has no parameter 'kernel' to tie"):
+        pc.make_engine(bad_tie, 2, 1, 2)  # both stages hold the tied module: both stop, before any tie group
     tied_data = pc.batches(STEPS, 1, 2)
     engine = pc.make_engine(pc.tied_specs(), 2, 1, 2)
     out["tied"] = (pc.train_steps(engine, tied_data), pc.stage_weights(engine), engine.get_global_grad_norm())
