@@ -49,6 +49,35 @@ class PipelineSurface:
     def get_pipeline_parallel_rank(self) -> int:
         return self.stage_id
 
+    # DeepSpeed's PipelineEngine attributes, derived here
+    @property
+    def prev_stage(self) -> int:
+        return self.stage_id - 1
+
+    @property
+    def next_stage(self) -> int:
+        return self.stage_id + 1
+
+    @property
+    def is_pipe_parallel(self) -> bool:
+        return self.num_stages > 1
+
+    @property
+    def is_data_parallel(self) -> bool:
+        return self.dp_world_size > 1
+
+    @property
+    def is_model_parallel(self) -> bool:
+        return False  # no tensor-parallel axis in dsrun's pipeline
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.train_micro_batch_size_per_gpu()
+
+    @property
+    def dynamic_shape(self) -> bool:
+        return self.module.dynamic_shape
+
     def set_train_batch_size(self, train_batch_size: int) -> None:
         """More or fewer micro-batches per batch for the same micro-batch size (DeepSpeed's method); the next
         train_batch runs the new number."""

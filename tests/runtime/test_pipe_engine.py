@@ -177,8 +177,11 @@ def _rebatched(data):
         interleaved.set_train_batch_size(pc.MICRO * 3)
     with pytest.raises(TypeError):
         engine.set_has_attention_mask("yes")
+    attributes = (engine.prev_stage, engine.next_stage, engine.is_pipe_parallel, engine.is_data_parallel,
+                  engine.is_model_parallel, engine.micro_batch_size, engine.dynamic_shape)
     return (engine.micro_batches, engine.get_batch_info(), interleaved.micro_batches, interleaved.train_batch_size(),
-            engine.get_pipeline_parallel_rank() == engine.stage_id, math.isfinite(two))
+            engine.get_pipeline_parallel_rank() == engine.stage_id, math.isfinite(two),
+            attributes == (engine.stage_id - 1, engine.stage_id + 1, True, False, False, pc.MICRO, False))
 
 
 def _fp16_cases(data, ckpt_dir):
@@ -358,7 +361,7 @@ def test_checkpoint_at_four_stages_reloads_at_two(world4, world2, ckpt_dir):
 
 def test_set_train_batch_size_and_deepspeed_engine_methods(world2):
     for r in world2:
-        assert r["batch_size"] == (2, (pc.MICRO * 2, pc.MICRO, 2), 4, pc.MICRO * 4, True, True)
+        assert r["batch_size"] == (2, (pc.MICRO * 2, pc.MICRO, 2), 4, pc.MICRO * 4, True, True, True)
 
 
 def test_fp16_trains_with_loss_scaling(world2):
