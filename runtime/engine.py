@@ -166,13 +166,10 @@ class Engine(ConfigQueries, EngineCompat, torch.nn.Module):
                              skipped_steps=self._skipped_steps)
 
     def _account(self, *, overflowed: bool, step: int, grad_norm) -> None:
-        message = self.loss_scaler.update(overflowed)
+        self.loss_scaler.record(overflowed, step=step, grad_norm=grad_norm, report=self.global_rank == 0)
         if overflowed:
             self._step_applied = False
             self._skipped_steps += 1
-            if self.global_rank == 0:
-                norm = grad_norm.item() if torch.is_tensor(grad_norm) else grad_norm
-                log.warning("step %d: %s (grad norm %s)", step, message, norm)
 
     def _snapshot(self):
         """What a step booked as applied changes besides step counts: the scheduler's state and the param

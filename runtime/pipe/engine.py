@@ -27,7 +27,6 @@ step and is not watched.
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Optional
 
@@ -43,8 +42,6 @@ from .schedule import InferenceSchedule, InterleavedInferenceSchedule, Interleav
 from .surface import PipelineError, PipelineSurface
 
 __all__ = ["PipelineEngine", "PipelineError"]
-
-log = logging.getLogger("dsrun")
 
 
 class PipelineEngine(PipelineSurface, ConfigQueries):
@@ -376,12 +373,9 @@ class PipelineEngine(PipelineSurface, ConfigQueries):
         finally:
             self._boundary = False
         if self._check_overflow:
-            message = self.loss_scaler.update(not applied)
-            if not applied:
-                self.skipped_steps += 1
-                if self.global_rank == 0:
-                    log.warning("step %d: %s (grad norm %s)", self.global_steps, message,
-                                self.stage_optimizer.grad_norm)
+            self.loss_scaler.record(not applied, step=self.global_steps, grad_norm=self.stage_optimizer.grad_norm,
+                                    report=self.global_rank == 0)
+            self.skipped_steps += not applied
         self._step_applied = applied
         if applied and self.lr_scheduler is not None:
             self.lr_scheduler.step()

@@ -43,6 +43,14 @@ class LossScaler:
         self.cur_iter += 1
         return f"OVERFLOW! Skipping step. Loss scale: {self.cur_scale:g}" if overflow else None
 
+    def record(self, overflowed: bool, *, step: int, grad_norm, report: bool) -> None:
+        """`update` with one boundary step's outcome; a skipped step logs DeepSpeed's OVERFLOW line where
+        `report` (rank 0). Both engines account their steps through this."""
+        message = self.update(overflowed)
+        if overflowed and report:
+            norm = grad_norm.item() if hasattr(grad_norm, "item") else grad_norm
+            log.warning("step %d: %s (grad norm %s)", step, message, norm)
+
     def state_dict(self) -> dict:
         return {"cur_scale": self.cur_scale, "cur_iter": self.cur_iter}
 
