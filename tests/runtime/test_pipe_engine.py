@@ -402,6 +402,7 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--local_rank", type=int, default=0)
 parser.add_argument("--empty_last_stage", action="store_true")
 parser.add_argument("--dtype", default="float32", help="of the data: float16 or bfloat16 for those configs")
+parser.add_argument("--bad_tie", action="store_true", help="a tied layer whose tied_weight_attr names nothing")
 dsrun.add_config_arguments(parser)
 args = parser.parse_args()
 g = torch.Generator().manual_seed(0)
@@ -411,6 +412,10 @@ data = [(x.to(dtype), y.to(dtype)) for x, y in data]
 layers = [LayerSpec(torch.nn.Linear, 8, 16), torch.nn.Tanh(), LayerSpec(torch.nn.Linear, 16, 3)]
 if args.empty_last_stage:
     layers = [LayerSpec(torch.nn.Linear, 8, 3), torch.nn.Tanh()]
+if args.bad_tie:
+    from dsrun.pipe import TiedLayerSpec
+    layers = [TiedLayerSpec("proj", torch.nn.Linear, 8, 8, tied_weight_attr="kernel"), torch.nn.Tanh(),
+              TiedLayerSpec("proj", torch.nn.Linear, 8, 8, tied_weight_attr="kernel")]
 model = PipelineModule(layers, num_stages=2, loss_fn=torch.nn.functional.mse_loss, partition_method="uniform")
 engine, optimizer, loader, _ = dsrun.initialize(args=args, model=model, training_data=data)
 losses = [engine.train_batch().item() for _ in range(3)]
@@ -479,6 +484,14 @@ def test_pipeline_on_two_gpus(tmp_path, dtype):
     assert done.returncode == 0 and "backend nccl" in out, out
     reports = re.findall(r"rank (\d) stage (\d) steps 3 losses (\[.*?\]) eval (\S+) skipped (\d)", done.stdout)
     assert len(reports) == 2 and reports[0][2:] == reports[1][2:] and reports[0][4] == "0", out
+
+
+def test_a_misnamed_tied_weight_stops_the_launch_with_one_clear_error(tmp_path):
+    done = _launch_train_script(tmp_path, "--bad_tie")
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out
+    assert "TiedLayerSpec 'proj': Linear has no parameter 'kernel' to tie (tied_weight_attr)" in out, out
+    assert "its parameters: weight, bias" in out and "Traceback" not in out, out
 
 
 def test_a_stage_without_parameters_stops_the_launch_with_one_clear_error(tmp_path):
